@@ -1,0 +1,1 @@
+"""Built-in strategies, one file each; registered through the `tokenprune.strategies` entry points."""

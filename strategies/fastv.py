@@ -1,0 +1,38 @@
+"""FastV: keep the visual tokens that receive the most attention at the layer before the site.
+
+Chen et al., "An Image is Worth 1/2 Tokens After Layer 2" (ECCV 2024), arXiv:2403.06764.
+Scores are the head-averaged attention of layer K-1, recomputed from that layer's own query and
+key projections (the layer itself keeps its SDPA/FlashAttention backend). Text is always kept;
+ties go to the earlier token.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from tokenprune.reducer import ScoreReducer, TokenView
+
+
+class FastVParams(BaseModel):
+    """`score`: which query rows rank the tokens.
+
+    - `last` (default): the last token's row, as the reference code (`attn[-1]`).
+    - `mean`: the mean over all query rows, as the paper's text ("attention received from all tokens").
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Literal["last", "mean"] = Field("last", description="query rows that rank the visual tokens")
+
+
+class FastV(ScoreReducer):
+    """Attention-rank pruning (FastV)."""
+
+    Params: ClassVar[type[BaseModel]] = FastVParams
+    requires: ClassVar[frozenset[str]] = frozenset({"attention"})
+
+    def score(self, view: TokenView) -> Tensor:
+        return view.signals.attention(self.params.score)

@@ -1,0 +1,66 @@
+"""tokenprune: visual-token reduction for unmodified vision-language models.
+
+    import tokenprune as tp
+    handle = tp.attach(model, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.5))
+    model.generate(**inputs)
+    handle.trace[0].kept
+    handle.detach()
+"""
+
+from tokenprune.adapter import Adapter
+from tokenprune.api import (
+    Handle,
+    adapter_for,
+    adapters,
+    attach,
+    register_adapter,
+    register_strategy,
+    strategies,
+    strategy_class,
+)
+from tokenprune.config import ReductionConfig, Stage, load_config
+from tokenprune.errors import (
+    AttachError,
+    ConfigError,
+    InputError,
+    PluginError,
+    StrategyError,
+    TokenPruneError,
+    UnknownNameError,
+)
+from tokenprune.layout import Segment, VisualLayout
+from tokenprune.reducer import NoParams, Reducer, ScoreReducer, Signals, SignalUnavailable, TokenView
+from tokenprune.session import ReductionEvent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AttachError",
+    "ConfigError",
+    "Handle",
+    "InputError",
+    "NoParams",
+    "PluginError",
+    "Reducer",
+    "ReductionConfig",
+    "ReductionEvent",
+    "ScoreReducer",
+    "Segment",
+    "SignalUnavailable",
+    "Signals",
+    "Stage",
+    "StrategyError",
+    "TokenPruneError",
+    "TokenView",
+    "UnknownNameError",
+    "VisualLayout",
+    "adapter_for",
+    "adapters",
+    "attach",
+    "load_config",
+    "register_adapter",
+    "register_strategy",
+    "strategies",
+    "strategy_class",
+]

@@ -1,0 +1,57 @@
+"""The adapter contract: everything tokenprune needs to know about one model family, and nothing else.
+
+An adapter finds the visual tokens in a batch, names the decoder layers and their attention
+modules, and says which configuration holds the attention backend. It knows no strategy; the
+core (`tokenprune.session`) drives the layers with the shared mechanics of `tokenprune.sequence`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from tokenprune.layout import VisualLayout
+from tokenprune.probe import ProjectionProbe
+
+
+class Adapter(ABC):
+    """Base class of model adapters; registered under `name`, chosen for `model_types` automatically."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether this adapter handles `model` (by its config's `model_type`)."""
+        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+
+    @abstractmethod
+    def entry_module(self) -> nn.Module:
+        """The module whose forward receives the input ids and image inputs of every call."""
+
+    @abstractmethod
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """The language model's decoder layers, in order."""
+
+    @abstractmethod
+    def text_config(self) -> PretrainedConfig:
+        """The language model's configuration (its `_attn_implementation` picks the mask format)."""
+
+    @abstractmethod
+    def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
+        """Where the visual tokens are, from the entry module's keyword inputs; None when there are none."""
+
+    def attention_module(self, layer: int) -> nn.Module:
+        """The self-attention module of decoder layer `layer`."""
+        return self.decoder_layers()[layer].self_attn
+
+    def probe(self, layer: int) -> ProjectionProbe:
+        """What recomputes attention scores at `layer` (override for non-Llama-style attention)."""
+        return ProjectionProbe(self.attention_module(layer))

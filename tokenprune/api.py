@@ -1,0 +1,142 @@
+"""The public entry points: registries, `attach`, and the handle it returns."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from tokenprune.adapter import Adapter
+from tokenprune.errors import AttachError, ConfigError, PluginError
+from tokenprune.reducer import Reducer
+from tokenprune.registry import Registry
+
+if TYPE_CHECKING:
+    from tokenprune.config import ReductionConfig
+    from tokenprune.session import ReductionEvent, Session
+
+STRATEGIES: Registry[Reducer] = Registry("strategy", "tokenprune.strategies")
+ADAPTERS: Registry[Adapter] = Registry("adapter", "tokenprune.adapters")
+
+register_strategy = STRATEGIES.register
+register_adapter = ADAPTERS.register
+
+_attached: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
+
+
+def strategies(pattern: str = "*") -> list[str]:
+    """Names of the strategies available (built-in and installed plug-ins), filtered by a wildcard."""
+    return STRATEGIES.names(pattern)
+
+
+def adapters(pattern: str = "*") -> list[str]:
+    """Names of the model adapters available, filtered by a wildcard."""
+    return ADAPTERS.names(pattern)
+
+
+def strategy_class(name: str) -> type[Reducer]:
+    """The Reducer class registered as `name` (errors list the known names)."""
+    return STRATEGIES.get(name)
+
+
+def adapter_for(model: nn.Module, name: str | None = None) -> Adapter:
+    """The adapter named `name`, or the one whose `model_types` include the model's type."""
+    if name is not None:
+        return ADAPTERS.get(name)(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    for candidate in ADAPTERS.names():
+        try:
+            cls = ADAPTERS.get(candidate)
+        except PluginError:
+            continue  # a broken plug-in only loses its own models
+        if cls.supports(model):
+            return cls(model)
+    raise AttachError(
+        f"no adapter for {type(model).__name__} (model_type {model_type!r}); "
+        f"adapters available: {', '.join(adapters())}. Pass adapter=... or write one (docs/writing-an-adapter.md)"
+    )
+
+
+class Handle:
+    """A reduction attached to a model: read `trace`, call `detach()` (or use it as a context manager)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session: Session | None = session
+
+    @property
+    def trace(self) -> list[ReductionEvent]:
+        """The reductions of the most recent reducing forward (one event per stage)."""
+        return self._live().trace
+
+    @property
+    def adapter(self) -> Adapter:
+        return self._live().adapter
+
+    @property
+    def reducer(self) -> Reducer:
+        return self._live().reducer
+
+    @property
+    def config(self) -> ReductionConfig:
+        return self._live().config
+
+    @property
+    def attached(self) -> bool:
+        return self._session is not None
+
+    def detach(self) -> None:
+        """Remove every hook and piece of state; the model is exactly as before `attach`."""
+        if self._session is None:
+            return
+        self._session.remove()
+        _attached.pop(self._session.model, None)
+        self._session = None
+
+    def _live(self) -> Session:
+        if self._session is None:
+            raise AttachError("this handle was detached")
+        return self._session
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def attach(model: nn.Module, config: ReductionConfig, adapter: str | None = None) -> Handle:
+    """Attach the reduction `config` to `model` through hooks; the model's weights are untouched."""
+    from tokenprune.session import Session
+
+    if model in _attached:
+        raise AttachError("this model already has a reduction attached: detach it first (handle.detach())")
+    chosen = adapter_for(model, adapter)
+    reducer_cls = strategy_class(config.strategy)
+    _check_sites(chosen, config, reducer_cls)
+    session = Session(model, chosen, config, reducer_cls(reducer_cls.Params.model_validate(config.params)))
+    session.install()
+    handle = Handle(session)
+    _attached[model] = handle
+    return handle
+
+
+def _check_sites(adapter: Adapter, config: ReductionConfig, reducer_cls: type[Reducer]) -> None:
+    n_layers = len(adapter.decoder_layers())
+    for stage in config.stages:
+        if stage.layer >= n_layers:
+            raise ConfigError(
+                f"layer {stage.layer} is past the last decoder layer: the model has {n_layers} (0..{n_layers - 1})"
+            )
+        if stage.layer == 0 and "attention" in reducer_cls.requires:
+            raise ConfigError(
+                f"strategy {config.strategy!r} ranks tokens by attention, which needs a layer before the "
+                "site: use layer >= 1 (layer 0 is before the language model)"
+            )
+    backend = adapter.text_config()._attn_implementation
+    if backend not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        raise AttachError(
+            f"attention implementation {backend!r} has no mask function registered in transformers; "
+            f"supported: {', '.join(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}"
+        )

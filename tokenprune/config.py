@@ -1,0 +1,136 @@
+"""Pydantic configuration of a reduction: which strategy, where, how much, with which parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tokenprune.errors import ConfigError, TokenPruneError
+
+DEFAULT_STRATEGY = "fastv"
+DEFAULT_LAYER = 2  # FastV's K: layers 0 and 1 see every token
+
+
+class Stage(BaseModel):
+    """One reduction site: before decoder layer `layer`, keep a budget of visual tokens.
+
+    `ratio` is the fraction of the sample's *original* visual tokens removed once this stage has
+    run (the paper's R); `keep` is an absolute number of visual tokens kept per sample. Exactly one.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: int = Field(DEFAULT_LAYER, ge=0, description="K: the stage reduces the input of decoder layer K")
+    ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of visual tokens removed")
+    keep: int | None = Field(None, ge=0, description="visual tokens kept per sample")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Self:
+        if (self.ratio is None) == (self.keep is None):
+            raise ValueError("give exactly one of `ratio` (fraction removed) or `keep` (tokens kept)")
+        return self
+
+    def kept_count(self, n_visual: int) -> int:
+        """Visual tokens this stage keeps out of a sample's `n_visual` original ones.
+
+        `round(n_visual * (1 - ratio))` with Python's round (half to even), as FastV's reference does.
+        """
+        if self.keep is not None:
+            return min(self.keep, n_visual)
+        return round(n_visual * (1.0 - self.ratio))
+
+
+class ReductionConfig(BaseModel):
+    """A complete reduction: a strategy, its parameters, and one or more stages.
+
+    The one-stage shorthand `ReductionConfig(strategy="fastv", layer=2, ratio=0.5)` is the same as
+    `stages=[{"layer": 2, "ratio": 0.5}]`. Stages run in increasing layer order, each one seeing
+    the tokens the previous one kept (PyramidDrop-style schedules).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: str = DEFAULT_STRATEGY
+    layer: int | None = Field(None, ge=0)
+    ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    keep: int | None = Field(None, ge=0)
+    stages: tuple[Stage, ...] = ()
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_shorthand(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        short = {k: data[k] for k in ("layer", "ratio", "keep") if data.get(k) is not None}
+        if short and data.get("stages"):
+            raise ValueError("give either `stages` or the one-stage shorthand `layer`/`ratio`/`keep`, not both")
+        if short:
+            return {**data, "stages": [short]}
+        if not data.get("stages"):
+            raise ValueError("give a budget: `ratio` (fraction of visual tokens removed) or `keep`")
+        return data
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+        for before, after in zip(stages, stages[1:], strict=False):
+            if after.layer <= before.layer:
+                raise ValueError(f"stage layers must increase: {before.layer} then {after.layer}")
+            if before.ratio is not None and after.ratio is not None and after.ratio < before.ratio:
+                raise ValueError(f"stage ratios cannot decrease: {before.ratio} then {after.ratio}")
+        return stages
+
+    @model_validator(mode="after")
+    def _fill_shorthand_and_params(self) -> Self:
+        from tokenprune.api import strategy_class  # the registry imports plug-ins: keep config import light
+
+        if not self.stages:  # the strategy itself was invalid: its error is already reported
+            return self
+        first = self.stages[0]
+        object.__setattr__(self, "layer", first.layer)
+        object.__setattr__(self, "ratio", first.ratio)
+        object.__setattr__(self, "keep", first.keep)
+        reducer = strategy_class(self.strategy)
+        try:
+            params = reducer.Params.model_validate(self.params)
+        except ValidationError as exc:
+            raise ValueError(f"params of strategy {self.strategy!r}: {_short(exc)}") from None
+        object.__setattr__(self, "params", params.model_dump())
+        return self
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from tokenprune.api import strategy_class
+
+        try:
+            strategy_class(name)
+        except TokenPruneError as exc:  # unknown (with the known names) or a broken plug-in
+            raise ValueError(str(exc)) from None
+        return name
+
+
+def _short(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+
+
+def load_config(path: str | Path) -> ReductionConfig:
+    """Read a ReductionConfig from a YAML (.yaml/.yml) or JSON file; errors name the file and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+    data = data.get("reduction", data)
+    try:
+        return ReductionConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid reduction config: {_short(exc)}") from exc

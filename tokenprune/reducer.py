@@ -1,0 +1,130 @@
+"""The strategy contract: a Reducer sees the candidate tokens of one site and says which to keep.
+
+A strategy never sees a model. It receives a `TokenView` (hidden states, which tokens are
+visual, which image/frame and grid cell each belongs to, original positions, the budget) and
+may ask `view.signals` for model-derived signals, computed by the core only when asked.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from tokenprune.errors import TokenPruneError
+
+QueryRows = Literal["last", "mean"]
+
+
+class SignalUnavailable(TokenPruneError):
+    """A strategy asked for a signal this site cannot provide (e.g. attention before the first layer)."""
+
+
+class NoParams(BaseModel):
+    """Parameters of a strategy that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Signals:
+    """Model-derived signals for one site, computed lazily and at most once per forward.
+
+    `attention(query)`: [B, L] float32 head-averaged attention each token of the current sequence
+    receives at the layer before the site, from the last real query token (`"last"`, FastV's
+    reference code) or averaged over all real query tokens (`"mean"`, FastV's paper text).
+    """
+
+    def __init__(self, attention: Callable[[QueryRows], Tensor] | None = None) -> None:
+        self._attention = attention
+        self._cache: dict[tuple[str, str], Tensor] = {}
+
+    def attention(self, query: QueryRows = "last") -> Tensor:
+        if self._attention is None:
+            raise SignalUnavailable("attention scores need a decoder layer before the site (layer >= 1)")
+        key = ("attention", query)
+        if key not in self._cache:
+            self._cache[key] = self._attention(query)
+        return self._cache[key]
+
+
+@dataclass
+class TokenView:
+    """The tokens entering one reduction site, batch-first, in current sequence order.
+
+    Shapes: B samples, L tokens (left-filled with invalid slots when samples differ in length).
+    - hidden    [B, L, D]  hidden states entering the site
+    - candidates[B, L] bool  visual tokens that may be removed
+    - valid     [B, L] bool  real tokens (False: padding or filler)
+    - segment   [B, L] long  image/frame index of a visual token within its sample, -1 otherwise
+    - coords    [B, L, 3] long  (t, row, col) of a visual token in its segment's grid, -1 otherwise
+    - extent    [B, L, 3] long  (T, H, W) of that grid, 0 for non-visual tokens
+    - positions [B, L] long  original sequence position (index into the input ids), -1 for filler
+    - budget    [B] long   how many candidates to keep in each sample
+    """
+
+    hidden: Tensor
+    candidates: Tensor
+    valid: Tensor
+    segment: Tensor
+    coords: Tensor
+    extent: Tensor
+    positions: Tensor
+    budget: Tensor
+    layer: int
+    signals: Signals = field(default_factory=Signals)
+
+
+class Reducer(ABC):
+    """Base class of every strategy: fill in `select`.
+
+    Class attributes: `Params`, the pydantic model of the strategy's parameters (validated from
+    the config's `params`); `requires`, the signals it asks for (a site that cannot provide them
+    is refused when attaching).
+    """
+
+    Params: ClassVar[type[BaseModel]] = NoParams
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    @abstractmethod
+    def select(self, view: TokenView) -> Tensor:
+        """Bool [B, L]: the candidates to keep, exactly `view.budget[b]` of them in row b."""
+
+
+class ScoreReducer(Reducer):
+    """A strategy that ranks candidates: fill in `score`; the highest `budget` candidates are kept."""
+
+    @abstractmethod
+    def score(self, view: TokenView) -> Tensor:
+        """Float [B, L]: higher is kept first; ties go to the earlier position."""
+
+    def select(self, view: TokenView) -> Tensor:
+        return top_k_mask(self.score(view), view.candidates, view.budget)
+
+
+def top_k_mask(scores: Tensor, candidates: Tensor, budget: Tensor) -> Tensor:
+    """Bool [B, L]: the `budget[b]` best-scoring candidates of each row (stable: earlier wins ties)."""
+    ranked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return candidates & (rank < budget[:, None])
+
+
+def split_budget(budget: int, sizes: list[int]) -> list[int]:
+    """Share `budget` over groups proportionally to `sizes` (largest remainder, ties to earlier groups)."""
+    total = sum(sizes)
+    if total == 0:
+        return [0] * len(sizes)
+    exact = [budget * s / total for s in sizes]
+    shares = [int(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[: budget - sum(shares)]:
+        shares[i] += 1
+    return shares

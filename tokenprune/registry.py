@@ -1,0 +1,110 @@
+"""Name -> class registries for strategies and adapters, filled from entry points and decorators.
+
+Names come from package metadata without importing anything; a plug-in is imported the first
+time its name is asked for, so a broken plug-in breaks only its own name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import entrypoints
+
+from tokenprune.errors import PluginError, UnknownNameError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a name comes from: an entry point (lazy) or an in-process registration."""
+
+    origin: str
+    load: Callable[[], object]
+
+
+class Registry(Generic[T]):
+    """Names of one kind of plug-in (strategies or adapters), resolved lazily."""
+
+    def __init__(self, kind: str, group: str) -> None:
+        self.kind = kind
+        self.group = group
+        self._registered: dict[str, _Source] = {}
+        self._discovered: dict[str, _Source] | None = None
+        self._loaded: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator registering a class under `name` in this process."""
+
+        def decorate(cls: type[T]) -> type[T]:
+            origin = f"{cls.__module__}:{cls.__qualname__}"
+            known = self._sources().get(name)
+            if known is not None and not known.origin.startswith(origin):
+                raise PluginError(
+                    f"{self.kind} name {name!r} is taken twice: by {known.origin} and by {origin}"
+                )
+            self._registered[name] = _Source(origin, lambda: cls)
+            self._loaded[name] = cls
+            return cls
+
+        return decorate
+
+    def unregister(self, name: str) -> None:
+        """Forget a name registered in this process (entry points stay)."""
+        self._registered.pop(name, None)
+        self._loaded.pop(name, None)
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Sorted names matching a shell-style wildcard pattern."""
+        return sorted(n for n in self._sources() if fnmatch.fnmatchcase(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._sources()
+
+    def get(self, name: str) -> type[T]:
+        """The class registered under `name`, importing its plug-in if needed."""
+        if name in self._loaded:
+            return self._loaded[name]
+        source = self._sources().get(name)
+        if source is None:
+            raise UnknownNameError(self._unknown_message(name))
+        try:
+            cls = source.load()
+        except Exception as exc:
+            raise PluginError(f"{self.kind} {name!r} from {source.origin} failed to load: {exc!r}") from exc
+        self._loaded[name] = cls
+        return cls
+
+    def _unknown_message(self, name: str) -> str:
+        known = self.names()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known) or '(none)'}"
+
+    def _sources(self) -> dict[str, _Source]:
+        if self._discovered is None:
+            self._discovered = self._discover()
+        return {**self._discovered, **self._registered}
+
+    def _discover(self) -> dict[str, _Source]:
+        found: dict[str, _Source] = {}
+        for ep in entrypoints.get_group_all(self.group):
+            origin = f"{ep.module_name}:{ep.object_name} ({ep.distro.name if ep.distro else 'unknown package'})"
+            known = found.get(ep.name)
+            target = f"{ep.module_name}:{ep.object_name}"
+            if known is not None and not known.origin.startswith(target + " "):
+                found[ep.name] = _Source(f"{known.origin} and {origin}", _conflict(self.kind, ep.name, known, origin))
+                continue
+            found[ep.name] = _Source(origin, ep.load)
+        return found
+
+
+def _conflict(kind: str, name: str, first: _Source, second: str) -> Callable[[], object]:
+    def fail() -> object:
+        raise PluginError(f"{kind} name {name!r} is declared twice: by {first.origin} and by {second}")
+
+    return fail

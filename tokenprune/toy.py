@@ -1,0 +1,95 @@
+"""Small LLaVA-family models built from configs with seeded random weights (no download).
+
+Used by the CLI's built-in default, the tests and the benchmarks. The shapes are those of the
+real models (CLIP-style vision tower, projector, Llama decoder with RoPE, GQA and a gated MLP),
+scaled down to run on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+
+IMAGE_TOKEN_ID = 3
+PAD_TOKEN_ID = 0
+
+
+@dataclass(frozen=True)
+class ToySize:
+    """Sizes of a toy LLaVA: hidden width, decoder depth, heads, vision grid side and vocabulary."""
+
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    grid: int = 6
+    patch: int = 4
+    vocab: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+
+
+def text_config(size: ToySize, attn_implementation: str) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN_ID,
+        attn_implementation=attn_implementation,
+    )
+
+
+def vision_config(size: ToySize) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=size.vision_hidden,
+        intermediate_size=size.vision_hidden * 2,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=2,
+        image_size=size.grid * size.patch,
+        patch_size=size.patch,
+        projection_dim=size.vision_hidden,
+    )
+
+
+def toy_llava(size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+    """A LLaVA-1.5-shaped model with `size.grid ** 2` tokens per image, in eval mode, float32."""
+    config = LlavaConfig(
+        vision_config=vision_config(size),
+        text_config=text_config(size, attn_implementation),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def toy_llava_next(size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0) -> LlavaNextForConditionalGeneration:
+    """A LLaVA-NeXT-shaped model: anyres tiles of the base grid, unpadding and row newlines."""
+    tile = size.grid * size.patch
+    config = LlavaNextConfig(
+        vision_config=vision_config(size),
+        text_config=text_config(size, attn_implementation),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=[[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval()
