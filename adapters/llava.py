@@ -40,33 +40,43 @@ class LlavaAdapter(Adapter):
 
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
         input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            return None
+        if input_ids is None or not self.has_images(inputs):
+            return None  # a generated token may equal the placeholder id: without images it is text
         placeholders = input_ids == self.model.config.image_token_id
-        if not bool(placeholders.any()):
-            return None
+        runs = placeholder_runs(placeholders, self.tokens_per_image(inputs, placeholders))
         segments = [
-            Segment(sample, positions, *self._grid(len(positions)))
-            for sample, positions in placeholder_runs(placeholders, self.tokens_per_image(inputs, placeholders))
+            segment
+            for image, (sample, positions) in enumerate(runs)
+            for segment in self.image_segments(inputs, image, sample, positions)
         ]
         return VisualLayout.from_segments(*input_ids.shape, segments, input_ids.device)
 
+    @staticmethod
+    def has_images(inputs: dict[str, Any]) -> bool:
+        """Whether this forward carries images (pixels, or features pre-encoded by `generate`)."""
+        encoded = inputs.get("mm_encoder_outputs") or {}
+        return inputs.get("pixel_values") is not None or encoded.get("image") is not None
+
     def tokens_per_image(self, inputs: dict[str, Any], placeholders: Tensor) -> list[int]:
         """Placeholder count of each image of the batch, in order."""
-        per_image = self._patch_side() ** 2 + (self._strategy(inputs) == "full")
-        pixels = inputs.get("pixel_values")
-        n_images = pixels.shape[0] if pixels is not None else int(placeholders.sum()) // per_image
-        return [per_image] * n_images
+        per_image = self.patch_side() ** 2 + (self._select_strategy(inputs) == "full")
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            return [len(features) for features in encoded.pooler_output]
+        return [per_image] * inputs["pixel_values"].shape[0]
 
-    def _grid(self, n: int) -> tuple[Tensor, tuple[int, int, int]]:
+    def image_segments(self, inputs: dict[str, Any], image: int, sample: int, positions: Tensor) -> list[Segment]:
+        """The segments (grids) of one image whose placeholders sit at `positions` of `sample`."""
+        n = len(positions)
         side = math.isqrt(n)
         if side * side == n:
-            return grid_coords(side, side), (1, side, side)
-        return line_coords(n)
+            return [Segment(sample, positions, grid_coords(side, side), (1, side, side))]
+        return [Segment(sample, positions, *line_coords(n))]
 
-    def _patch_side(self) -> int:
+    def patch_side(self) -> int:
+        """Patches per side of one vision-tower input."""
         vision = self.model.config.vision_config
         return vision.image_size // vision.patch_size
 
-    def _strategy(self, inputs: dict[str, Any]) -> str:
+    def _select_strategy(self, inputs: dict[str, Any]) -> str:
         return inputs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy

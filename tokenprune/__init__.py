@@ -7,6 +7,10 @@
     handle.detach()
 """
 
+# The built-in subpackages share their names with the listing functions `adapters` and
+# `strategies`: import them first, so the functions bound below stay the package's attributes.
+from tokenprune import adapters as _builtin_adapters  # noqa: F401
+from tokenprune import strategies as _builtin_strategies  # noqa: F401
 from tokenprune.adapter import Adapter
 from tokenprune.api import (
     Handle,

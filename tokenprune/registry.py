@@ -43,7 +43,7 @@ class Registry(Generic[T]):
         def decorate(cls: type[T]) -> type[T]:
             origin = f"{cls.__module__}:{cls.__qualname__}"
             known = self._sources().get(name)
-            if known is not None and not known.origin.startswith(origin):
+            if known is not None and known.origin != origin and not known.origin.startswith(origin + " "):
                 raise PluginError(
                     f"{self.kind} name {name!r} is taken twice: by {known.origin} and by {origin}"
                 )
@@ -93,12 +93,14 @@ class Registry(Generic[T]):
     def _discover(self) -> dict[str, _Source]:
         found: dict[str, _Source] = {}
         for ep in entrypoints.get_group_all(self.group):
-            origin = f"{ep.module_name}:{ep.object_name} ({ep.distro.name if ep.distro else 'unknown package'})"
-            known = found.get(ep.name)
             target = f"{ep.module_name}:{ep.object_name}"
-            if known is not None and not known.origin.startswith(target + " "):
-                found[ep.name] = _Source(f"{known.origin} and {origin}", _conflict(self.kind, ep.name, known, origin))
-                continue
+            origin = f"{target} ({ep.distro.name if ep.distro else 'unknown package'})"
+            known = found.get(ep.name)
+            if known is not None:
+                if not known.origin.startswith(target + " "):
+                    clash = _conflict(self.kind, ep.name, known, origin)
+                    found[ep.name] = _Source(f"{known.origin} and {origin}", clash)
+                continue  # the same target declared again: keep what is known (a conflict stays one)
             found[ep.name] = _Source(origin, ep.load)
         return found
 

@@ -8,6 +8,7 @@ scaled down to run on two CPU cores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from transformers import (
@@ -17,7 +18,10 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    PreTrainedModel,
 )
+
+M = TypeVar("M", bound=PreTrainedModel)
 
 IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
@@ -76,7 +80,7 @@ def toy_llava(size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed
         attn_implementation=attn_implementation,
     )
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval()
+    return _no_placeholder_generation(LlavaForConditionalGeneration(config).eval())
 
 
 def toy_llava_next(size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0) -> LlavaNextForConditionalGeneration:
@@ -92,4 +96,10 @@ def toy_llava_next(size: ToySize = ToySize(), attn_implementation: str = "sdpa",
         attn_implementation=attn_implementation,
     )
     torch.manual_seed(seed)
-    return LlavaNextForConditionalGeneration(config).eval()
+    return _no_placeholder_generation(LlavaNextForConditionalGeneration(config).eval())
+
+
+def _no_placeholder_generation(model: M) -> M:
+    """Random weights may favour the image placeholder id: a real model never generates it."""
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
+    return model

@@ -1,0 +1,67 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): anyres images, unpadded, with row newlines.
+
+Each image's placeholders hold, in order, the base (low-resolution) grid, then the high-resolution
+grid assembled from the anyres tiles, unpadded to the image's aspect ratio, with one
+`image_newline` token closing each row. Two segments per image are candidates: the base grid and
+the unpadded high-resolution grid (with its real rows and columns). Newline tokens are not
+candidates: like text they are always kept, so the layout's rows stay delimited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from tokenprune.errors import InputError
+from tokenprune.layout import Segment, grid_coords
+
+from .llava import LlavaAdapter
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """Adapter for LLaVA-NeXT (LLaVA-1.6) models."""
+
+    name = "llava_next"
+    model_types = ("llava_next",)
+
+    def tokens_per_image(self, inputs: dict[str, Any], placeholders: Tensor) -> list[int]:
+        return [self._base_count() + rows * (cols + 1) for rows, cols in self._high_res_shapes(inputs)]
+
+    def image_segments(self, inputs: dict[str, Any], image: int, sample: int, positions: Tensor) -> list[Segment]:
+        side = self.patch_side()
+        base = self._base_count()
+        rows, cols = self._high_res_shapes(inputs)[image]
+        grid = positions[base:].view(rows, cols + 1)[:, :cols].reshape(-1)  # drop each row's newline
+        return [
+            Segment(sample, positions[:base], grid_coords(side, side), (1, side, side)),
+            Segment(sample, grid, grid_coords(rows, cols), (1, rows, cols)),
+        ]
+
+    def _base_count(self) -> int:
+        return self.patch_side() ** 2
+
+    def _high_res_shapes(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
+        """(rows, cols) of each image's unpadded high-resolution grid, newlines not counted."""
+        if inputs.get("image_sizes") is not None:
+            return [self._shape_from_size(size) for size in inputs["image_sizes"]]
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None:
+            raise InputError("LLaVA-NeXT inputs with image tokens need `image_sizes` (or pre-encoded images)")
+        return [self._shape_from_features(features) for features in encoded.pooler_output]
+
+    def _shape_from_size(self, size: Tensor) -> tuple[int, int]:
+        """The model's own anyres tiling and unpadding, applied to an index grid."""
+        config = self.model.config
+        tiles_h, tiles_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        side = self.patch_side()
+        rows, cols = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), size).shape[1:]
+        return rows, cols
+
+    def _shape_from_features(self, features: Tensor) -> tuple[int, int]:
+        """Pre-encoded images (as `generate` passes them): rows end with exact copies of `image_newline`."""
+        high = features[self._base_count() :]
+        rows = int((high == self._base().image_newline.to(high)).all(dim=-1).sum())
+        return rows, high.shape[0] // max(rows, 1) - 1

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny seeded LLaVA models (no download) and hypothesis profiles for torch work."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from tokenprune.toy import toy_llava, toy_llava_next
+
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def llava_sdpa():
+    return toy_llava(attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def llava_eager():
+    return toy_llava(attn_implementation="eager")
+
+
+@pytest.fixture(scope="session", params=["sdpa", "eager"])
+def llava(request, llava_sdpa, llava_eager):
+    return llava_sdpa if request.param == "sdpa" else llava_eager
+
+
+@pytest.fixture(scope="session")
+def llava_next():
+    return toy_llava_next(attn_implementation="sdpa")

@@ -1,0 +1,157 @@
+"""Input builders and independent oracles for the exactness tests.
+
+The mask oracle runs the *unreduced* model and, from each stage's layer on, masks the removed
+tokens out as keys with a hand-built 4-D mask: the kept tokens' outputs must equal those of
+tokenprune's shortened run. It shares no code with tokenprune's mechanics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokenprune.toy import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+
+TEXT_IDS = range(10, 120)
+
+
+@dataclass
+class Prompt:
+    """One sample: text chunk lengths around `images` images (len(text) == images + 1)."""
+
+    text: Sequence[int]
+    images: int
+
+    def ids(self, tokens_per_image: int | Sequence[int], seed: int) -> list[int]:
+        gen = torch.Generator().manual_seed(seed)
+        per_image = [tokens_per_image] * self.images if isinstance(tokens_per_image, int) else list(tokens_per_image)
+        out: list[int] = []
+        for i, n in enumerate(self.text):
+            out += torch.randint(TEXT_IDS.start, TEXT_IDS.stop, (n,), generator=gen).tolist()
+            if i < self.images:
+                out += [IMAGE_TOKEN_ID] * per_image[i]
+        return out
+
+
+def left_padded(rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """input_ids and attention_mask of left-padded rows."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_TOKEN_ID, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def pixels(n_images: int, size: int = 24, seed: int = 0) -> Tensor:
+    return torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def llava_inputs(prompts: Sequence[Prompt], tokens_per_image: int = 36, seed: int = 0) -> dict[str, Tensor]:
+    """A left-padded LLaVA batch: prompts with their images, pixel values in batch order."""
+    rows = [p.ids(tokens_per_image, seed + i) for i, p in enumerate(prompts)]
+    ids, mask = left_padded(rows)
+    n_images = sum(p.images for p in prompts)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if n_images:
+        inputs["pixel_values"] = pixels(n_images, seed=seed)
+    return inputs
+
+
+def removed_positions(trace, valid: Tensor) -> list[tuple[int, Tensor]]:
+    """(layer, removed [B, N] bool) per stage: real tokens not kept from that layer on."""
+    out = []
+    for event in trace:
+        kept = torch.zeros_like(valid)
+        for b, row in enumerate(event.kept):
+            kept[b, row[row >= 0]] = True
+        out.append((event.layer, valid & ~kept))
+    return out
+
+
+def oracle_masks(model, stages: list[tuple[int, Tensor]], valid: Tensor, extra: int = 0):
+    """Pre-hooks giving layers >= each stage a 4-D mask hiding that stage's removed tokens as keys.
+
+    `extra` appended tokens (generated so far) are real and never removed. Returns the hook handles.
+    """
+    layers = model.model.language_model.layers
+    config = model.model.language_model.config
+    batch, length = valid.shape
+    total = length + extra
+    key_ok = torch.cat([valid, torch.ones(batch, extra, dtype=torch.bool)], dim=1)
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    handles = []
+    for layer_index, layer in enumerate(layers):
+        removed = torch.zeros(batch, total, dtype=torch.bool)
+        for stage_layer, stage_removed in stages:
+            if layer_index >= stage_layer:
+                removed[:, :length] |= stage_removed
+        allowed = causal[None] & (key_ok & ~removed)[:, None, :]
+        allowed |= torch.eye(total, dtype=torch.bool)[None]  # fully masked rows (padding) stay finite
+        if config._attn_implementation == "eager":
+            mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+        else:
+            mask = allowed[:, None]
+
+        def hook(module, args, kwargs, mask=mask):
+            return args, {**kwargs, "attention_mask": mask}
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def generation_positions(mask: Tensor) -> Tensor:
+    """Position ids as `generate` derives them from a left-padded attention mask."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def oracle_logits(model, inputs: dict[str, Tensor], trace) -> Tensor:
+    """Prefill logits of the unreduced model with the trace's removed tokens masked from their layer on."""
+    valid = inputs["attention_mask"].bool()
+    handles = oracle_masks(model, removed_positions(trace, valid), valid)
+    try:
+        return model(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def oracle_greedy(model, inputs: dict[str, Tensor], trace, steps: int) -> tuple[Tensor, list[Tensor]]:
+    """Greedy continuation without a cache under the mask oracle: (tokens [B, steps], logits per step)."""
+    valid = inputs["attention_mask"].bool()
+    stages = removed_positions(trace, valid)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    tokens, logits = [], []
+    for step in range(steps):
+        handles = oracle_masks(model, stages, valid, extra=step)
+        try:
+            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            out = model(input_ids=ids, attention_mask=mask, position_ids=generation_positions(mask), use_cache=False, **extra)
+        finally:
+            for h in handles:
+                h.remove()
+        last = out.logits[:, -1].clone()
+        last[:, list(model.generation_config.suppress_tokens or [])] = float("-inf")
+        nxt = last.argmax(-1)
+        tokens.append(nxt)
+        logits.append(last)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return torch.stack(tokens, dim=1), logits
+
+
+def assert_same_greedy(got: Tensor, expected: Tensor, logits: list[Tensor], tie: float = 1e-4) -> None:
+    """Greedy tokens equal, except after a genuine near-tie of the oracle's top two logits."""
+    for b in range(got.shape[0]):
+        for step in range(expected.shape[1]):
+            if got[b, step] == expected[b, step]:
+                continue
+            top2 = logits[step][b].topk(2).values
+            assert float(top2[0] - top2[1]) < tie, f"sample {b} step {step}: {got[b].tolist()} != {expected[b].tolist()}"
+            break

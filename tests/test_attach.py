@@ -1,0 +1,114 @@
+"""Attaching keeps the model intact; detaching restores it exactly; errors are clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracles import Prompt, llava_inputs
+from pydantic import ValidationError
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+
+import tokenprune as tp
+from tokenprune.toy import toy_llava
+
+
+def hook_state(model: torch.nn.Module) -> dict[str, tuple]:
+    return {
+        name: (
+            len(m._forward_pre_hooks),
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks_with_kwargs),
+            len(m._forward_hooks_with_kwargs),
+            len(m._forward_hooks_always_called),
+            tuple(sorted(vars(m))),
+        )
+        for name, m in model.named_modules()
+    }
+
+
+@torch.no_grad()
+def test_attach_leaves_weights_and_detach_restores_everything():
+    model = toy_llava(seed=3)
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([2, 1, 2], 2)])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(**inputs, use_cache=False).logits
+    model.generate(**inputs, max_new_tokens=3)
+    before_hooks = hook_state(model)  # after a first forward: transformers adds its own output recorders then
+    handle = tp.attach(model, tp.ReductionConfig(layer=2, ratio=0.75))
+    reduced = model(**inputs, use_cache=False).logits
+    model.generate(**inputs, max_new_tokens=3)
+    assert not torch.equal(reduced, before)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    handle.detach()
+    assert torch.equal(model(**inputs, use_cache=False).logits, before)
+    assert hook_state(model) == before_hooks
+    handle.detach()  # idempotent
+    with pytest.raises(tp.AttachError, match="detached"):
+        _ = handle.trace
+    tp.attach(model, tp.ReductionConfig(layer=1, ratio=0.5)).detach()  # attachable again
+
+
+@torch.no_grad()
+def test_from_pretrained_checkpoint_saved_locally(tmp_path):
+    toy_llava(seed=5).save_pretrained(tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    inputs = llava_inputs([Prompt([2, 3], 1)])
+    with tp.attach(model, tp.ReductionConfig.model_validate({"strategy": "fastv", "layer": 2, "ratio": 0.5})) as handle:
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert handle.trace[0].visual_after == [18]
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_errors_are_clear(llava_sdpa):
+    with pytest.raises(ValidationError, match="fastv"):
+        tp.ReductionConfig(strategy="fastvv", ratio=0.5)
+    with pytest.raises(ValidationError, match="ratio"):
+        tp.ReductionConfig(ratio=1.0)
+    with pytest.raises(ValidationError, match="exactly one"):
+        tp.ReductionConfig(stages=[{"layer": 2, "ratio": 0.5, "keep": 3}])
+    with pytest.raises(ValidationError, match="exactly one"):
+        tp.ReductionConfig(layer=2)
+    with pytest.raises(ValidationError, match="budget"):
+        tp.ReductionConfig(strategy="random")
+    with pytest.raises(ValidationError, match="scor"):
+        tp.ReductionConfig(ratio=0.5, params={"scor": "last"})
+    with pytest.raises(ValidationError, match="increase"):
+        tp.ReductionConfig(stages=[{"layer": 3, "ratio": 0.5}, {"layer": 2, "ratio": 0.7}])
+    with pytest.raises(tp.ConfigError, match="past the last decoder layer"):
+        tp.attach(llava_sdpa, tp.ReductionConfig(layer=4, ratio=0.5))
+    with pytest.raises(tp.ConfigError, match="layer >= 1"):
+        tp.attach(llava_sdpa, tp.ReductionConfig(layer=0, ratio=0.5))
+    with pytest.raises(tp.UnknownNameError, match="llava"):
+        tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5), adapter="lava")
+    with tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)), pytest.raises(tp.AttachError, match="already"):
+        tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5))
+    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(tp.AttachError, match="no adapter for LlamaForCausalLM"):
+        tp.attach(text_only, tp.ReductionConfig(ratio=0.5))
+
+
+@torch.no_grad()
+def test_placeholder_count_mismatch_is_an_input_error(llava_sdpa):
+    inputs = llava_inputs([Prompt([2, 3], 1)])
+    inputs["pixel_values"] = torch.cat([inputs["pixel_values"]] * 2)
+    with tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)), pytest.raises(tp.InputError, match="placeholder"):
+        llava_sdpa(**inputs)
+
+
+def test_load_config_yaml_and_json(tmp_path):
+    (tmp_path / "c.yaml").write_text("strategy: random\nlayer: 1\nkeep: 12\nparams:\n  seed: 7\n")
+    (tmp_path / "c.json").write_text('{"stages": [{"layer": 2, "ratio": 0.5}, {"layer": 3, "ratio": 0.75}]}')
+    assert tp.load_config(tmp_path / "c.yaml") == tp.ReductionConfig(strategy="random", layer=1, keep=12, params={"seed": 7})
+    assert [s.layer for s in tp.load_config(tmp_path / "c.json").stages] == [2, 3]
+    (tmp_path / "bad.yaml").write_text("strategy: fastv\nratio: 2\n")
+    with pytest.raises(tp.ConfigError, match=r"bad\.yaml.*ratio"):
+        tp.load_config(tmp_path / "bad.yaml")
+
+
+def test_kept_count_rounds_like_the_reference():
+    stage = tp.Stage(layer=2, ratio=0.5)
+    assert stage.kept_count(576) == 288
+    assert tp.Stage(layer=2, ratio=0.75).kept_count(576) == 144
+    assert tp.Stage(layer=2, ratio=0.5).kept_count(5) == round(2.5) == 2  # half to even, as Python
+    assert tp.Stage(layer=2, ratio=0.5).kept_count(7) == 4
+    assert tp.Stage(layer=2, keep=100).kept_count(36) == 36

@@ -1,0 +1,151 @@
+"""Exactness of the in-place reduction against independent oracles (float32, tolerances stated).
+
+- ratio 0 equals no attachment (max abs diff <= 1e-5);
+- the mask oracle: kept positions' prefill logits equal the unreduced model with the removed
+  tokens masked out as keys from layer K on (max abs diff <= 1e-4), and greedy generation with
+  the KV cache equals the oracle's greedy run without a cache;
+- batch equivalence: a sample in a left-padded batch keeps the same tokens and generates the same
+  greedy continuation as alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from oracles import (
+    Prompt,
+    assert_same_greedy,
+    generation_positions,
+    llava_inputs,
+    oracle_greedy,
+    oracle_logits,
+)
+
+import tokenprune as tp
+
+STRATEGIES = ["fastv", "random", "uniform"]
+LOGIT_TOL = 1e-4
+IDENTITY_TOL = 1e-5
+
+prompts = st.builds(
+    lambda text, images: Prompt(text[: images + 1], images),
+    st.lists(st.integers(1, 6), min_size=3, max_size=3),
+    st.integers(0, 2),
+)
+
+
+def run(model, inputs, **kw):
+    return model(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False, **kw)
+
+
+def kept_logits(logits, kept):
+    return [logits[b, row[row >= 0]] for b, row in enumerate(kept)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ratio_zero_is_identity(llava, strategy):
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+    reference = run(llava, inputs).logits
+    reference_tokens = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
+    with tp.attach(llava, tp.ReductionConfig(strategy=strategy, layer=1, ratio=0.0)):
+        logits = run(llava, inputs).logits
+        tokens = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
+    real = inputs["attention_mask"].bool()
+    assert (logits - reference)[real].abs().max() <= IDENTITY_TOL
+    assert torch.equal(tokens, reference_tokens)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@given(batch=st.lists(prompts, min_size=1, max_size=3), layer=st.integers(1, 3), ratio=st.floats(0.1, 0.9))
+def test_mask_oracle_prefill(llava, strategy, batch, layer, ratio):
+    inputs = llava_inputs(batch)
+    with tp.attach(llava, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)) as handle:
+        logits = run(llava, inputs).logits
+        trace = handle.trace
+    expected = oracle_logits(llava, inputs, trace)
+    for got, want in zip(kept_logits(logits, trace[-1].kept), kept_logits(expected, trace[-1].kept), strict=True):
+        assert (got - want).abs().max() <= LOGIT_TOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mask_oracle_multi_stage(llava, strategy):
+    inputs = llava_inputs([Prompt([2, 3, 1], 2), Prompt([5, 1], 1)])
+    config = tp.ReductionConfig(strategy=strategy, stages=[{"layer": 1, "ratio": 0.4}, {"layer": 3, "ratio": 0.7}])
+    with tp.attach(llava, config) as handle:
+        logits = run(llava, inputs).logits
+        trace = handle.trace
+    assert [e.layer for e in trace] == [1, 3]
+    expected = oracle_logits(llava, inputs, trace)
+    for got, want in zip(kept_logits(logits, trace[-1].kept), kept_logits(expected, trace[-1].kept), strict=True):
+        assert (got - want).abs().max() <= LOGIT_TOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@given(batch=st.lists(prompts, min_size=1, max_size=3), layer=st.integers(1, 3), ratio=st.floats(0.1, 0.9))
+def test_generate_with_cache_matches_oracle_without_cache(llava, strategy, batch, layer, ratio):
+    inputs = llava_inputs(batch)
+    steps = 5
+    with tp.attach(llava, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)) as handle:
+        out = llava.generate(**inputs, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+        trace = handle.trace
+    expected, logits = oracle_greedy(llava, inputs, trace, steps)
+    assert_same_greedy(out[:, -steps:], expected, logits)
+
+
+@torch.no_grad()
+def test_generate_multi_stage_matches_oracle(llava):
+    inputs = llava_inputs([Prompt([2, 3, 1], 2), Prompt([5, 1], 1)])
+    config = tp.ReductionConfig(stages=[{"layer": 1, "keep": 20}, {"layer": 2, "keep": 8}])
+    with tp.attach(llava, config) as handle:
+        out = llava.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+        trace = handle.trace
+    expected, logits = oracle_greedy(llava, inputs, trace, 5)
+    assert_same_greedy(out[:, -5:], expected, logits)
+
+
+def greedy(model, inputs, steps):
+    """Greedy tokens [B, steps] and the logits of each step, from `generate` with the KV cache."""
+    out = model.generate(
+        **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    return out.sequences[:, -steps:], list(out.logits)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@given(batch=st.lists(prompts, min_size=2, max_size=3), layer=st.integers(1, 3), ratio=st.floats(0.0, 0.9))
+def test_batch_equals_each_sample_alone(llava, strategy, batch, layer, ratio):
+    inputs = llava_inputs(batch)
+    pad = (1 - inputs["attention_mask"]).sum(1)
+    first_image = [sum(p.images for p in batch[:b]) for b in range(len(batch))]
+    with tp.attach(llava, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)) as handle:
+        together, _ = greedy(llava, inputs, 4)
+        kept_together = handle.trace[0].kept
+        for b, prompt in enumerate(batch):
+            alone_inputs = llava_inputs([prompt], seed=b)
+            if prompt.images:
+                alone_inputs["pixel_values"] = inputs["pixel_values"][first_image[b] : first_image[b] + prompt.images]
+            alone, logits = greedy(llava, alone_inputs, 4)
+            kept_alone = handle.trace[0].kept[0]
+            row = kept_together[b]
+            assert torch.equal(row[row >= 0] - pad[b], kept_alone[kept_alone >= 0])
+            assert_same_greedy(together[b : b + 1], alone, logits)
+
+
+@torch.no_grad()
+def test_sdpa_and_eager_keep_the_same_tokens(llava_sdpa, llava_eager):
+    inputs = llava_inputs([Prompt([3, 2, 4], 2), Prompt([1, 6], 1)])
+    kept = []
+    for model in (llava_sdpa, llava_eager):
+        for score in ("last", "mean"):
+            with tp.attach(model, tp.ReductionConfig(layer=2, ratio=0.5, params={"score": score})) as handle:
+                run(model, inputs)
+                kept.append(handle.trace[0].kept)
+    assert torch.equal(kept[0], kept[2]) and torch.equal(kept[1], kept[3])
