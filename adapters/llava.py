@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from tokenprune.adapter import Adapter
+from tokenprune.errors import InputError
 from tokenprune.layout import Segment, VisualLayout, grid_coords, line_coords, placeholder_runs
 
 
@@ -40,8 +41,10 @@ class LlavaAdapter(Adapter):
 
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
         input_ids = inputs.get("input_ids")
-        if input_ids is None or not self.has_images(inputs):
+        if not self.has_images(inputs):
             return None  # a generated token may equal the placeholder id: without images it is text
+        if input_ids is None:
+            raise InputError("tokenprune locates image tokens in `input_ids`: pass them instead of `inputs_embeds`")
         placeholders = input_ids == self.model.config.image_token_id
         runs = placeholder_runs(placeholders, self.tokens_per_image(inputs, placeholders))
         segments = [
@@ -65,7 +68,9 @@ class LlavaAdapter(Adapter):
             return [len(features) for features in encoded.pooler_output]
         return [per_image] * inputs["pixel_values"].shape[0]
 
-    def image_segments(self, inputs: dict[str, Any], image: int, sample: int, positions: Tensor) -> list[Segment]:
+    def image_segments(
+        self, inputs: dict[str, Any], image: int, sample: int, positions: Tensor
+    ) -> list[Segment]:
         """The segments (grids) of one image whose placeholders sit at `positions` of `sample`."""
         n = len(positions)
         side = math.isqrt(n)
@@ -79,4 +84,6 @@ class LlavaAdapter(Adapter):
         return vision.image_size // vision.patch_size
 
     def _select_strategy(self, inputs: dict[str, Any]) -> str:
-        return inputs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        return (
+            inputs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        )

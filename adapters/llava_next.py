@@ -30,7 +30,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def tokens_per_image(self, inputs: dict[str, Any], placeholders: Tensor) -> list[int]:
         return [self._base_count() + rows * (cols + 1) for rows, cols in self._high_res_shapes(inputs)]
 
-    def image_segments(self, inputs: dict[str, Any], image: int, sample: int, positions: Tensor) -> list[Segment]:
+    def image_segments(
+        self, inputs: dict[str, Any], image: int, sample: int, positions: Tensor
+    ) -> list[Segment]:
         side = self.patch_side()
         base = self._base_count()
         rows, cols = self._high_res_shapes(inputs)[image]
@@ -55,7 +57,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def _shape_from_size(self, size: Tensor) -> tuple[int, int]:
         """The model's own anyres tiling and unpadding, applied to an index grid."""
         config = self.model.config
-        tiles_h, tiles_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        tiles_h, tiles_w = get_anyres_image_grid_shape(
+            size, config.image_grid_pinpoints, config.vision_config.image_size
+        )
         side = self.patch_side()
         rows, cols = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), size).shape[1:]
         return rows, cols

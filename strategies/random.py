@@ -31,5 +31,7 @@ class RandomSelection(ScoreReducer):
 
     def score(self, view: TokenView) -> Tensor:
         ordinal = view.candidates.long().cumsum(dim=1) - 1  # i-th candidate of its sample
-        draws = torch.rand(view.candidates.shape[1], generator=torch.Generator().manual_seed(self.params.seed))
+        draws = torch.rand(
+            view.candidates.shape[1], generator=torch.Generator().manual_seed(self.params.seed)
+        )
         return draws.to(view.hidden.device)[ordinal.clamp(min=0)]

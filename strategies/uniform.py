@@ -35,7 +35,10 @@ def lattice(extent: tuple[int, ...], k: int) -> list[tuple[int, ...]]:
     if k == 0:
         return []
     axes = [strided(size, n) for size, n in zip(extent, axis_counts(extent, k), strict=True)]
-    cells = [tuple(c) for c in torch.cartesian_prod(*[torch.tensor(a) for a in axes]).reshape(-1, len(axes)).tolist()]
+    cells = [
+        tuple(c)
+        for c in torch.cartesian_prod(*[torch.tensor(a) for a in axes]).reshape(-1, len(axes)).tolist()
+    ]
     return [cells[i] for i in strided(len(cells), k)]
 
 
@@ -55,7 +58,9 @@ class UniformGrid(Reducer):
         for seg, share in zip(ids, split_budget(int(view.budget[b]), sizes), strict=True):
             where = (segments == seg).nonzero().squeeze(1)
             extent = tuple(view.extent[b, where[0]].tolist())
-            cell_to_token = {tuple(c): int(i) for c, i in zip(view.coords[b, where].tolist(), where.tolist(), strict=True)}
+            cell_to_token = {
+                tuple(c): int(i) for c, i in zip(view.coords[b, where].tolist(), where.tolist(), strict=True)
+            }
             chosen = [cell_to_token[c] for c in lattice(extent, share) if c in cell_to_token]
             keep[chosen] = True
             missing = share - len(chosen)

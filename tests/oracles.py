@@ -27,7 +27,9 @@ class Prompt:
 
     def ids(self, tokens_per_image: int | Sequence[int], seed: int) -> list[int]:
         gen = torch.Generator().manual_seed(seed)
-        per_image = [tokens_per_image] * self.images if isinstance(tokens_per_image, int) else list(tokens_per_image)
+        per_image = (
+            [tokens_per_image] * self.images if isinstance(tokens_per_image, int) else list(tokens_per_image)
+        )
         out: list[int] = []
         for i, n in enumerate(self.text):
             out += torch.randint(TEXT_IDS.start, TEXT_IDS.stop, (n,), generator=gen).tolist()
@@ -115,7 +117,9 @@ def oracle_logits(model, inputs: dict[str, Tensor], trace) -> Tensor:
     valid = inputs["attention_mask"].bool()
     handles = oracle_masks(model, removed_positions(trace, valid), valid)
     try:
-        return model(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False).logits
+        return model(
+            **inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False
+        ).logits
     finally:
         for h in handles:
             h.remove()
@@ -132,7 +136,13 @@ def oracle_greedy(model, inputs: dict[str, Tensor], trace, steps: int) -> tuple[
         handles = oracle_masks(model, stages, valid, extra=step)
         try:
             extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-            out = model(input_ids=ids, attention_mask=mask, position_ids=generation_positions(mask), use_cache=False, **extra)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=generation_positions(mask),
+                use_cache=False,
+                **extra,
+            )
         finally:
             for h in handles:
                 h.remove()
@@ -153,5 +163,7 @@ def assert_same_greedy(got: Tensor, expected: Tensor, logits: list[Tensor], tie:
             if got[b, step] == expected[b, step]:
                 continue
             top2 = logits[step][b].topk(2).values
-            assert float(top2[0] - top2[1]) < tie, f"sample {b} step {step}: {got[b].tolist()} != {expected[b].tolist()}"
+            assert float(top2[0] - top2[1]) < tie, (
+                f"sample {b} step {step}: {got[b].tolist()} != {expected[b].tolist()}"
+            )
             break

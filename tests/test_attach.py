@@ -53,7 +53,9 @@ def test_from_pretrained_checkpoint_saved_locally(tmp_path):
     toy_llava(seed=5).save_pretrained(tmp_path)
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     inputs = llava_inputs([Prompt([2, 3], 1)])
-    with tp.attach(model, tp.ReductionConfig.model_validate({"strategy": "fastv", "layer": 2, "ratio": 0.5})) as handle:
+    with tp.attach(
+        model, tp.ReductionConfig.model_validate({"strategy": "fastv", "layer": 2, "ratio": 0.5})
+    ) as handle:
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         assert handle.trace[0].visual_after == [18]
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
@@ -82,7 +84,9 @@ def test_errors_are_clear(llava_sdpa):
         tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5), adapter="lava")
     with tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)), pytest.raises(tp.AttachError, match="already"):
         tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5))
-    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
+    text_only = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(tp.AttachError, match="no adapter for LlamaForCausalLM"):
         tp.attach(text_only, tp.ReductionConfig(ratio=0.5))
 
@@ -91,14 +95,19 @@ def test_errors_are_clear(llava_sdpa):
 def test_placeholder_count_mismatch_is_an_input_error(llava_sdpa):
     inputs = llava_inputs([Prompt([2, 3], 1)])
     inputs["pixel_values"] = torch.cat([inputs["pixel_values"]] * 2)
-    with tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)), pytest.raises(tp.InputError, match="placeholder"):
+    with (
+        tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)),
+        pytest.raises(tp.InputError, match="placeholder"),
+    ):
         llava_sdpa(**inputs)
 
 
 def test_load_config_yaml_and_json(tmp_path):
     (tmp_path / "c.yaml").write_text("strategy: random\nlayer: 1\nkeep: 12\nparams:\n  seed: 7\n")
     (tmp_path / "c.json").write_text('{"stages": [{"layer": 2, "ratio": 0.5}, {"layer": 3, "ratio": 0.75}]}')
-    assert tp.load_config(tmp_path / "c.yaml") == tp.ReductionConfig(strategy="random", layer=1, keep=12, params={"seed": 7})
+    assert tp.load_config(tmp_path / "c.yaml") == tp.ReductionConfig(
+        strategy="random", layer=1, keep=12, params={"seed": 7}
+    )
     assert [s.layer for s in tp.load_config(tmp_path / "c.json").stages] == [2, 3]
     (tmp_path / "bad.yaml").write_text("strategy: fastv\nratio: 2\n")
     with pytest.raises(tp.ConfigError, match=r"bad\.yaml.*ratio"):
@@ -112,3 +121,11 @@ def test_kept_count_rounds_like_the_reference():
     assert tp.Stage(layer=2, ratio=0.5).kept_count(5) == round(2.5) == 2  # half to even, as Python
     assert tp.Stage(layer=2, ratio=0.5).kept_count(7) == 4
     assert tp.Stage(layer=2, keep=100).kept_count(36) == 36
+
+
+@torch.no_grad()
+def test_images_without_input_ids_are_an_input_error(llava_sdpa):
+    inputs = llava_inputs([Prompt([2, 3], 1)])
+    embeds = llava_sdpa.get_input_embeddings()(inputs.pop("input_ids"))
+    with tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)), pytest.raises(tp.InputError, match="input_ids"):
+        llava_sdpa(inputs_embeds=embeds, **inputs)

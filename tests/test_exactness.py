@@ -67,7 +67,9 @@ def test_mask_oracle_prefill(llava, strategy, batch, layer, ratio):
         logits = run(llava, inputs).logits
         trace = handle.trace
     expected = oracle_logits(llava, inputs, trace)
-    for got, want in zip(kept_logits(logits, trace[-1].kept), kept_logits(expected, trace[-1].kept), strict=True):
+    for got, want in zip(
+        kept_logits(logits, trace[-1].kept), kept_logits(expected, trace[-1].kept), strict=True
+    ):
         assert (got - want).abs().max() <= LOGIT_TOL
 
 
@@ -75,13 +77,17 @@ def test_mask_oracle_prefill(llava, strategy, batch, layer, ratio):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_mask_oracle_multi_stage(llava, strategy):
     inputs = llava_inputs([Prompt([2, 3, 1], 2), Prompt([5, 1], 1)])
-    config = tp.ReductionConfig(strategy=strategy, stages=[{"layer": 1, "ratio": 0.4}, {"layer": 3, "ratio": 0.7}])
+    config = tp.ReductionConfig(
+        strategy=strategy, stages=[{"layer": 1, "ratio": 0.4}, {"layer": 3, "ratio": 0.7}]
+    )
     with tp.attach(llava, config) as handle:
         logits = run(llava, inputs).logits
         trace = handle.trace
     assert [e.layer for e in trace] == [1, 3]
     expected = oracle_logits(llava, inputs, trace)
-    for got, want in zip(kept_logits(logits, trace[-1].kept), kept_logits(expected, trace[-1].kept), strict=True):
+    for got, want in zip(
+        kept_logits(logits, trace[-1].kept), kept_logits(expected, trace[-1].kept), strict=True
+    ):
         assert (got - want).abs().max() <= LOGIT_TOL
 
 
@@ -112,8 +118,12 @@ def test_generate_multi_stage_matches_oracle(llava):
 def greedy(model, inputs, steps):
     """Greedy tokens [B, steps] and the logits of each step, from `generate` with the KV cache."""
     out = model.generate(
-        **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-        output_logits=True, return_dict_in_generate=True,
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     return out.sequences[:, -steps:], list(out.logits)
 
@@ -131,7 +141,9 @@ def test_batch_equals_each_sample_alone(llava, strategy, batch, layer, ratio):
         for b, prompt in enumerate(batch):
             alone_inputs = llava_inputs([prompt], seed=b)
             if prompt.images:
-                alone_inputs["pixel_values"] = inputs["pixel_values"][first_image[b] : first_image[b] + prompt.images]
+                alone_inputs["pixel_values"] = inputs["pixel_values"][
+                    first_image[b] : first_image[b] + prompt.images
+                ]
             alone, logits = greedy(llava, alone_inputs, 4)
             kept_alone = handle.trace[0].kept[0]
             row = kept_together[b]
@@ -149,3 +161,21 @@ def test_sdpa_and_eager_keep_the_same_tokens(llava_sdpa, llava_eager):
                 run(model, inputs)
                 kept.append(handle.trace[0].kept)
     assert torch.equal(kept[0], kept[2]) and torch.equal(kept[1], kept[3])
+
+
+@torch.no_grad()
+def test_sampled_generation_ratio_zero_equals_unattached_and_is_reproducible(llava_sdpa):
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+    sample = {"max_new_tokens": 6, "do_sample": True, "top_k": 20, "temperature": 1.5}
+    torch.manual_seed(11)
+    reference = llava_sdpa.generate(**inputs, **sample)
+    with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.0)):
+        torch.manual_seed(11)
+        identity = llava_sdpa.generate(**inputs, **sample)
+    with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)):
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(11)
+            runs.append(llava_sdpa.generate(**inputs, **sample))
+    assert torch.equal(identity, reference)
+    assert torch.equal(runs[0], runs[1])

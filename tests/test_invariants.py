@@ -58,7 +58,9 @@ def test_kept_sets(llava_sdpa, batch, layer, budget, strategy):
         text = (real[b] & (ids[b] != IMAGE_TOKEN_ID)).nonzero().squeeze(1)
         assert set(text.tolist()) <= set(kept.tolist()), "every text token kept"
         n_visual = int((ids[b] == IMAGE_TOKEN_ID).sum())
-        expected = min(budget["keep"], n_visual) if "keep" in budget else round(n_visual * (1 - budget["ratio"]))
+        expected = (
+            min(budget["keep"], n_visual) if "keep" in budget else round(n_visual * (1 - budget["ratio"]))
+        )
         assert event.visual_before[b] == n_visual
         assert event.visual_after[b] == expected
         assert int((ids[b, kept] == IMAGE_TOKEN_ID).sum()) == expected
@@ -79,7 +81,11 @@ def test_cache_lengths_and_decode_positions(llava_sdpa, batch, layer, budget):
     with tp.attach(llava_sdpa, tp.ReductionConfig(strategy="random", layer=layer, **budget)) as handle:
         seen, handles = layer_inputs(llava_sdpa, [0, 3])
         out = llava_sdpa.generate(
-            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, return_dict_in_generate=True
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            return_dict_in_generate=True,
         )
         for h in handles:
             h.remove()
@@ -93,7 +99,9 @@ def test_cache_lengths_and_decode_positions(llava_sdpa, batch, layer, budget):
     for i in (0, 3):
         for step in range(1, steps):
             assert torch.equal(seen[i][step]["position_ids"], unreduced[i][step]["position_ids"])
-            for got, want in zip(seen[i][step]["position_embeddings"], unreduced[i][step]["position_embeddings"], strict=True):
+            for got, want in zip(
+                seen[i][step]["position_embeddings"], unreduced[i][step]["position_embeddings"], strict=True
+            ):
                 assert torch.equal(got, want)
     assert out.sequences.shape == reference.shape
 

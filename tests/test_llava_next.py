@@ -6,11 +6,18 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, assert_same_greedy, generation_positions, left_padded, oracle_greedy, oracle_logits
+from oracles import (
+    Prompt,
+    assert_same_greedy,
+    generation_positions,
+    left_padded,
+    oracle_greedy,
+    oracle_logits,
+)
+from tokenprune.adapters.llava_next import LlavaNextAdapter
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import tokenprune as tp
-from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.toy import IMAGE_TOKEN_ID
 
 SIZES = st.tuples(st.integers(12, 60), st.integers(12, 60))
@@ -41,7 +48,11 @@ def test_layout_matches_the_model_and_protects_newlines(llava_next):
     placeholders = inputs["input_ids"] == IMAGE_TOKEN_ID
     newlines = placeholders & ~layout.visual
     assert int(newlines.sum()) == 6 + 12  # one per high-resolution row
-    assert sorted(map(tuple, layout.extent[layout.visual].unique(dim=0).tolist())) == [(1, 6, 6), (1, 6, 10), (1, 12, 4)]
+    assert sorted(map(tuple, layout.extent[layout.visual].unique(dim=0).tolist())) == [
+        (1, 6, 6),
+        (1, 6, 10),
+        (1, 12, 4),
+    ]
     llava_next(**inputs)  # the model itself accepts the placeholder counts
 
 
@@ -52,7 +63,9 @@ def test_llava_next_oracles(llava_next, strategy, sizes, ratio, layer):
     prompts = [Prompt([3, 2], 1)] + [Prompt([1, 2], 1) for _ in sizes[1:]]
     inputs = next_inputs(llava_next, prompts, sizes)
     with tp.attach(llava_next, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)) as handle:
-        logits = llava_next(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False).logits
+        logits = llava_next(
+            **inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False
+        ).logits
         trace = handle.trace
         out = llava_next.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         assert torch.equal(handle.trace[0].kept, trace[0].kept)  # generate's pre-encoded images: same layout
@@ -63,6 +76,9 @@ def test_llava_next_oracles(llava_next, strategy, sizes, ratio, layer):
         newline = (inputs["input_ids"][b] == IMAGE_TOKEN_ID).nonzero().squeeze(1)
         n_visual = trace[0].visual_before[b]
         assert trace[0].visual_after[b] == round(n_visual * (1 - ratio))
-        assert int((inputs["input_ids"][b, row] == IMAGE_TOKEN_ID).sum()) == len(newline) - n_visual + trace[0].visual_after[b]
+        assert (
+            int((inputs["input_ids"][b, row] == IMAGE_TOKEN_ID).sum())
+            == len(newline) - n_visual + trace[0].visual_after[b]
+        )
     tokens, step_logits = oracle_greedy(llava_next, inputs, trace, 3)
     assert_same_greedy(out[:, -3:], tokens, step_logits)

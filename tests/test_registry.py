@@ -92,7 +92,7 @@ def test_listing_functions_survive_loading_the_built_in_plugins(toy: nn.Module) 
 
 
 def test_unknown_name_lists_known_names_and_suggests_the_closest(declare) -> None:
-    registry = Registry("strategy", "tokenprune.test_group")
+    registry = Registry("strategy", "tokenprune.test_group", tp.Reducer)
     declare(
         "tokenprune.test_group",
         _entry_point("fastv", "somewhere:FastV", "pkg"),
@@ -124,7 +124,7 @@ def test_wildcards_filter_sorted_names(declare) -> None:
     assert tp.strategies("*") == tp.strategies() == sorted(tp.strategies())
     assert tp.strategies("no_such_strategy_*") == []
     assert "llava" in tp.adapters("llava*")
-    registry = Registry("strategy", "tokenprune.test_group")
+    registry = Registry("strategy", "tokenprune.test_group", tp.Reducer)
     declare(
         "tokenprune.test_group",
         *(_entry_point(name, f"somewhere:{name}", "pkg") for name in ["tome", "fastv", "fastv_mean", "dart"]),
@@ -337,3 +337,9 @@ def test_attach_without_an_adapter_lists_the_adapters() -> None:
         assert "llava" in message
         assert all(name in message for name in tp.adapters())
         assert "adapter=" in message
+
+
+def test_a_plugin_that_is_not_a_reducer_is_refused():
+    registry = Registry("strategy", "tokenprune.test-nothing", tp.Reducer)
+    with pytest.raises(tp.PluginError, match="not a Reducer subclass"):
+        registry.register("not_a_reducer")(int)

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import Prompt, llava_inputs
+from tokenprune.strategies.uniform import lattice, strided
 
 import tokenprune as tp
 from tokenprune.reducer import split_budget, top_k_mask
-from tokenprune.strategies.uniform import lattice, strided
 
 
 def test_top_k_breaks_ties_towards_earlier_tokens():
@@ -63,7 +63,9 @@ def test_random_is_seeded_and_position_independent(llava_sdpa):
     inputs = llava_inputs([Prompt([2, 3], 1)])
     kept = {}
     for seed in (0, 0, 1):
-        with tp.attach(llava_sdpa, tp.ReductionConfig(strategy="random", layer=1, ratio=0.5, params={"seed": seed})) as h:
+        with tp.attach(
+            llava_sdpa, tp.ReductionConfig(strategy="random", layer=1, ratio=0.5, params={"seed": seed})
+        ) as h:
             llava_sdpa(**inputs, use_cache=False)
             kept.setdefault(seed, []).append(h.trace[0].kept)
     assert torch.equal(kept[0][0], kept[0][1])

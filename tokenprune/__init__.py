@@ -1,10 +1,10 @@
 """tokenprune: visual-token reduction for unmodified vision-language models.
 
-    import tokenprune as tp
-    handle = tp.attach(model, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.5))
-    model.generate(**inputs)
-    handle.trace[0].kept
-    handle.detach()
+import tokenprune as tp
+handle = tp.attach(model, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.5))
+model.generate(**inputs)
+handle.trace[0].kept
+handle.detach()
 """
 
 # The built-in subpackages share their names with the listing functions `adapters` and

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from tokenprune.config import ReductionConfig
     from tokenprune.session import ReductionEvent, Session
 
-STRATEGIES: Registry[Reducer] = Registry("strategy", "tokenprune.strategies")
-ADAPTERS: Registry[Adapter] = Registry("adapter", "tokenprune.adapters")
+STRATEGIES: Registry[Reducer] = Registry("strategy", "tokenprune.strategies", Reducer)
+ADAPTERS: Registry[Adapter] = Registry("adapter", "tokenprune.adapters", Adapter)
 
 register_strategy = STRATEGIES.register
 register_adapter = ADAPTERS.register
@@ -55,7 +55,8 @@ def adapter_for(model: nn.Module, name: str | None = None) -> Adapter:
             return cls(model)
     raise AttachError(
         f"no adapter for {type(model).__name__} (model_type {model_type!r}); "
-        f"adapters available: {', '.join(adapters())}. Pass adapter=... or write one (docs/writing-an-adapter.md)"
+        f"adapters available: {', '.join(adapters())}. "
+        "Pass adapter=... or write one (docs/writing-an-adapter.md)"
     )
 
 
@@ -127,7 +128,8 @@ def _check_sites(adapter: Adapter, config: ReductionConfig, reducer_cls: type[Re
     for stage in config.stages:
         if stage.layer >= n_layers:
             raise ConfigError(
-                f"layer {stage.layer} is past the last decoder layer: the model has {n_layers} (0..{n_layers - 1})"
+                f"layer {stage.layer} is past the last decoder layer: "
+                f"the model has {n_layers} (0..{n_layers - 1})"
             )
         if stage.layer == 0 and "attention" in reducer_cls.requires:
             raise ConfigError(

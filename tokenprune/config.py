@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Self
@@ -68,7 +69,9 @@ class ReductionConfig(BaseModel):
             return data
         short = {k: data[k] for k in ("layer", "ratio", "keep") if data.get(k) is not None}
         if short and data.get("stages"):
-            raise ValueError("give either `stages` or the one-stage shorthand `layer`/`ratio`/`keep`, not both")
+            raise ValueError(
+                "give either `stages` or the one-stage shorthand `layer`/`ratio`/`keep`, not both"
+            )
         if short:
             return {**data, "stages": [short]}
         if not data.get("stages"):
@@ -78,7 +81,7 @@ class ReductionConfig(BaseModel):
     @field_validator("stages")
     @classmethod
     def _increasing(cls, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
-        for before, after in zip(stages, stages[1:], strict=False):
+        for before, after in itertools.pairwise(stages):
             if after.layer <= before.layer:
                 raise ValueError(f"stage layers must increase: {before.layer} then {after.layer}")
             if before.ratio is not None and after.ratio is not None and after.ratio < before.ratio:

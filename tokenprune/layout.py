@@ -35,7 +35,9 @@ class VisualLayout:
     extent: Tensor
 
     @classmethod
-    def from_segments(cls, batch: int, length: int, segments: list[Segment], device: torch.device) -> VisualLayout:
+    def from_segments(
+        cls, batch: int, length: int, segments: list[Segment], device: torch.device
+    ) -> VisualLayout:
         visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
         segment = torch.full((batch, length), -1, dtype=torch.long, device=device)
         coords = torch.full((batch, length, 3), -1, dtype=torch.long, device=device)

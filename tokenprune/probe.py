@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokenprune.sequence import gather_tokens
+
 QUERY_CHUNK = 256
 
 
@@ -47,7 +49,9 @@ class ProjectionProbe:
             return self._rows(hidden, cos, sin, keys, rows, valid).squeeze(1)
         total = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
         for start in range(0, length, QUERY_CHUNK):
-            rows = torch.arange(start, min(start + QUERY_CHUNK, length), device=hidden.device).expand(batch, -1)
+            rows = torch.arange(start, min(start + QUERY_CHUNK, length), device=hidden.device).expand(
+                batch, -1
+            )
             probs = self._rows(hidden, cos, sin, keys, rows, valid)
             total += (probs * valid.gather(1, rows)[..., None]).sum(dim=1)
         return total / valid.sum(dim=1, keepdim=True).clamp(min=1)
@@ -58,11 +62,11 @@ class ProjectionProbe:
         keys, _ = self.rotary(keys, keys, cos, sin)
         return keys.repeat_interleave(attn.num_key_value_groups, dim=1)
 
-    def _rows(self, hidden: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, rows: Tensor, valid: Tensor) -> Tensor:
+    def _rows(
+        self, hidden: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, rows: Tensor, valid: Tensor
+    ) -> Tensor:
         """[B, r, L] softmax attention of query rows `rows` [B, r], averaged over heads, in float32."""
         attn = self.attention
-        from tokenprune.sequence import gather_tokens
-
         picked = gather_tokens(hidden, rows, 1)
         queries = attn.q_proj(picked).view(*rows.shape, -1, attn.head_dim).transpose(1, 2)
         queries, _ = self.rotary(queries, queries, gather_tokens(cos, rows, 1), gather_tokens(sin, rows, 1))

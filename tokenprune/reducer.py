@@ -113,7 +113,9 @@ def top_k_mask(scores: Tensor, candidates: Tensor, budget: Tensor) -> Tensor:
     """Bool [B, L]: the `budget[b]` best-scoring candidates of each row (stable: earlier wins ties)."""
     ranked = scores.float().masked_fill(~candidates, float("-inf"))
     order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     return candidates & (rank < budget[:, None])
 
 

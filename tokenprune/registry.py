@@ -30,9 +30,10 @@ class _Source:
 class Registry(Generic[T]):
     """Names of one kind of plug-in (strategies or adapters), resolved lazily."""
 
-    def __init__(self, kind: str, group: str) -> None:
+    def __init__(self, kind: str, group: str, base: type[T]) -> None:
         self.kind = kind
         self.group = group
+        self.base = base
         self._registered: dict[str, _Source] = {}
         self._discovered: dict[str, _Source] | None = None
         self._loaded: dict[str, type[T]] = {}
@@ -41,7 +42,8 @@ class Registry(Generic[T]):
         """Class decorator registering a class under `name` in this process."""
 
         def decorate(cls: type[T]) -> type[T]:
-            origin = f"{cls.__module__}:{cls.__qualname__}"
+            origin = f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', cls)}"
+            self._check(name, origin, cls)
             known = self._sources().get(name)
             if known is not None and known.origin != origin and not known.origin.startswith(origin + " "):
                 raise PluginError(
@@ -76,8 +78,15 @@ class Registry(Generic[T]):
             cls = source.load()
         except Exception as exc:
             raise PluginError(f"{self.kind} {name!r} from {source.origin} failed to load: {exc!r}") from exc
+        self._check(name, source.origin, cls)
         self._loaded[name] = cls
         return cls
+
+    def _check(self, name: str, origin: str, cls: object) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise PluginError(
+                f"{self.kind} {name!r} from {origin} is not a {self.base.__name__} subclass: {cls!r}"
+            )
 
     def _unknown_message(self, name: str) -> str:
         known = self.names()

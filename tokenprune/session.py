@@ -54,7 +54,7 @@ class ReductionEvent:
 class _Shortened:
     """The sequence as the layers from one stage on see it during one forward."""
 
-    index: Tensor  # [B, L] original positions, -1 for filler
+    index: Tensor | None  # [B, L] original positions, -1 for filler (None on a cached continuation)
     overrides: dict[str, Any]  # layer keyword inputs replaced: mask, rotary tables, position ids
 
 
@@ -237,9 +237,14 @@ class Session:
         layout = state.layout
         last_real = torch.zeros_like(valid).scatter_(1, _last_true(valid)[:, None], True)
         candidates = gather_tokens(layout.visual, index, 1) & valid & ~last_real
-        original = (layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, hidden.device)).sum(1)
+        original = (
+            layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, hidden.device)
+        ).sum(1)
         budget = torch.tensor(
-            [min(stage.kept_count(int(n)), int(c)) for n, c in zip(original.tolist(), candidates.sum(1).tolist())],
+            [
+                min(stage.kept_count(int(n)), int(c))
+                for n, c in zip(original.tolist(), candidates.sum(1).tolist(), strict=True)
+            ],
             device=hidden.device,
         )
         return TokenView(
@@ -284,7 +289,9 @@ class Session:
 
     # -- forwards that continue a reduced cache (decode steps) -----------------------------------
 
-    def _cached_sequence(self, state: _Pass, layer: int, hidden: Tensor, kwargs: dict[str, Any]) -> _Shortened:
+    def _cached_sequence(
+        self, state: _Pass, layer: int, hidden: Tensor, kwargs: dict[str, Any]
+    ) -> _Shortened:
         """Mask for new tokens attending to the kept cache entries of the stage starting at `layer`."""
         record = self._caches[state.cache]
         key_valid = dict(record.stages)[layer]
@@ -301,7 +308,7 @@ class Session:
                 )
         keys = torch.cat([key_valid, new_valid], dim=1)
         mask = build_causal_mask(self.adapter.text_config(), keys, q_length, hidden.dtype)
-        return _Shortened(index=keys, overrides={"attention_mask": mask})
+        return _Shortened(index=None, overrides={"attention_mask": mask})
 
 
 def _padding_valid(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
@@ -316,12 +323,17 @@ def _last_true(mask: Tensor) -> Tensor:
 
 def _check_selection(name: str, keep: Tensor, view: TokenView) -> None:
     if keep.shape != view.candidates.shape or keep.dtype != torch.bool:
-        raise StrategyError(f"{name}.select returned {tuple(keep.shape)} {keep.dtype}, expected bool {tuple(view.candidates.shape)}")
+        raise StrategyError(
+            f"{name}.select returned {tuple(keep.shape)} {keep.dtype}, "
+            f"expected bool {tuple(view.candidates.shape)}"
+        )
     if bool((keep & ~view.candidates).any()):
         raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
     counts = keep.sum(dim=1)
     if not torch.equal(counts, view.budget):
-        raise StrategyError(f"{name}.select kept {counts.tolist()} tokens per sample, the budget is {view.budget.tolist()}")
+        raise StrategyError(
+            f"{name}.select kept {counts.tolist()} tokens per sample, the budget is {view.budget.tolist()}"
+        )
 
 
 def _event(layer: int, view: TokenView, keep: Tensor, kept: Tensor) -> ReductionEvent:

@@ -69,7 +69,9 @@ def vision_config(size: ToySize) -> CLIPVisionConfig:
     )
 
 
-def toy_llava(size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+def toy_llava(
+    size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0
+) -> LlavaForConditionalGeneration:
     """A LLaVA-1.5-shaped model with `size.grid ** 2` tokens per image, in eval mode, float32."""
     config = LlavaConfig(
         vision_config=vision_config(size),
@@ -83,7 +85,9 @@ def toy_llava(size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed
     return _no_placeholder_generation(LlavaForConditionalGeneration(config).eval())
 
 
-def toy_llava_next(size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0) -> LlavaNextForConditionalGeneration:
+def toy_llava_next(
+    size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0
+) -> LlavaNextForConditionalGeneration:
     """A LLaVA-NeXT-shaped model: anyres tiles of the base grid, unpadding and row newlines."""
     tile = size.grid * size.patch
     config = LlavaNextConfig(
