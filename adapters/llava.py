@@ -44,7 +44,9 @@ class LlavaAdapter(Adapter):
         if not self.has_images(inputs):
             return None  # a generated token may equal the placeholder id: without images it is text
         if input_ids is None:
-            raise InputError("tokenprune locates image tokens in `input_ids`: pass them instead of `inputs_embeds`")
+            raise InputError(
+                "tokenprune locates image tokens in `input_ids`: pass them instead of `inputs_embeds`"
+            )
         placeholders = input_ids == self.model.config.image_token_id
         runs = placeholder_runs(placeholders, self.tokens_per_image(inputs, placeholders))
         segments = [

@@ -127,5 +127,8 @@ def test_kept_count_rounds_like_the_reference():
 def test_images_without_input_ids_are_an_input_error(llava_sdpa):
     inputs = llava_inputs([Prompt([2, 3], 1)])
     embeds = llava_sdpa.get_input_embeddings()(inputs.pop("input_ids"))
-    with tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)), pytest.raises(tp.InputError, match="input_ids"):
+    with (
+        tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)),
+        pytest.raises(tp.InputError, match="input_ids"),
+    ):
         llava_sdpa(inputs_embeds=embeds, **inputs)

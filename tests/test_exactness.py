@@ -40,8 +40,16 @@ def run(model, inputs, **kw):
     return model(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False, **kw)
 
 
-def kept_logits(logits, kept):
-    return [logits[b, row[row >= 0]] for b, row in enumerate(kept)]
+def assert_matches_mask_oracle(model, inputs, config):
+    """Prefill logits at every kept position equal the mask oracle's (max abs diff <= LOGIT_TOL)."""
+    with tp.attach(model, config) as handle:
+        logits = run(model, inputs).logits
+        trace = handle.trace
+    expected = oracle_logits(model, inputs, trace)
+    for b, row in enumerate(trace[-1].kept):
+        row = row[row >= 0]
+        assert (logits[b, row] - expected[b, row]).abs().max() <= LOGIT_TOL
+    return trace
 
 
 @torch.no_grad()
@@ -62,15 +70,9 @@ def test_ratio_zero_is_identity(llava, strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @given(batch=st.lists(prompts, min_size=1, max_size=3), layer=st.integers(1, 3), ratio=st.floats(0.1, 0.9))
 def test_mask_oracle_prefill(llava, strategy, batch, layer, ratio):
-    inputs = llava_inputs(batch)
-    with tp.attach(llava, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)) as handle:
-        logits = run(llava, inputs).logits
-        trace = handle.trace
-    expected = oracle_logits(llava, inputs, trace)
-    for got, want in zip(
-        kept_logits(logits, trace[-1].kept), kept_logits(expected, trace[-1].kept), strict=True
-    ):
-        assert (got - want).abs().max() <= LOGIT_TOL
+    assert_matches_mask_oracle(
+        llava, llava_inputs(batch), tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)
+    )
 
 
 @torch.no_grad()
@@ -80,15 +82,8 @@ def test_mask_oracle_multi_stage(llava, strategy):
     config = tp.ReductionConfig(
         strategy=strategy, stages=[{"layer": 1, "ratio": 0.4}, {"layer": 3, "ratio": 0.7}]
     )
-    with tp.attach(llava, config) as handle:
-        logits = run(llava, inputs).logits
-        trace = handle.trace
+    trace = assert_matches_mask_oracle(llava, inputs, config)
     assert [e.layer for e in trace] == [1, 3]
-    expected = oracle_logits(llava, inputs, trace)
-    for got, want in zip(
-        kept_logits(logits, trace[-1].kept), kept_logits(expected, trace[-1].kept), strict=True
-    ):
-        assert (got - want).abs().max() <= LOGIT_TOL
 
 
 @torch.no_grad()
