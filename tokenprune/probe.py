@@ -1,23 +1,34 @@
 """Attention scores recomputed from one attention module's own projections, for the rows needed.
 
 FastV's reference asks the model for full attention maps, which forces eager attention. Here the
-layer runs on its own backend (SDPA, FlashAttention...) and a pre-hook keeps a reference to its
-inputs; when a strategy asks, the probe projects queries for the rows needed and all keys, applies
-the module's own rotary embedding, and never builds a [B, H, N, N] matrix.
+layer runs on its own backend (SDPA, FlashAttention...) while hooks keep references to what it
+computes anyway (its input, rotary tables and key projection); when a strategy asks, the probe
+projects queries for the rows needed only and never builds a [B, H, N, N] matrix.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from tokenprune.sequence import gather_tokens
 
 QUERY_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What one attention forward saw: normed hidden states [B, N, D], (cos, sin), raw keys [B, N, Hkv*d]."""
+
+    hidden: Tensor
+    rotary: tuple[Tensor, Tensor]
+    keys: Tensor
 
 
 class ProjectionProbe:
@@ -28,50 +39,64 @@ class ProjectionProbe:
         module = sys.modules[type(attention).__module__]
         self.rotary: Callable[..., tuple[Tensor, Tensor]] = module.apply_rotary_pos_emb
 
-    def inputs_of(self, kwargs: dict[str, Any], args: tuple) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """(normed hidden states, (cos, sin)) as the module's forward receives them."""
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return hidden, kwargs["position_embeddings"]
+    def watch(self, store: Callable[[AttentionInputs], None]) -> list[RemovableHandle]:
+        """Hooks handing `store` the inputs and key projection of every forward of the module."""
+        pending: dict[str, Any] = {}
+
+        def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            pending["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            pending["rotary"] = kwargs["position_embeddings"]
+
+        def keys(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if pending:
+                store(AttentionInputs(pending.pop("hidden"), pending.pop("rotary"), output))
+
+        return [
+            self.attention.register_forward_pre_hook(before, with_kwargs=True),
+            self.attention.k_proj.register_forward_hook(keys),
+        ]
 
     @torch.no_grad()
-    def received(self, inputs: tuple[Tensor, tuple[Tensor, Tensor]], valid: Tensor, query: str) -> Tensor:
+    def received(self, inputs: AttentionInputs, valid: Tensor, query: str) -> Tensor:
         """[B, L] attention each token receives, averaged over heads and over the chosen query rows.
 
         `valid` [B, L] marks real tokens: padding and filler are neither queries nor keys.
         `query="last"`: the last real token's row; `"mean"`: the mean over every real token's row.
         """
-        hidden, (cos, sin) = inputs
-        batch, length, _ = hidden.shape
-        keys = self._keys(hidden, cos, sin)
+        batch, length, _ = inputs.hidden.shape
+        keys = self._rotated_keys(inputs)
         if query == "last":
             last = length - 1 - valid.flip(1).to(torch.int8).argmax(dim=1)
-            rows = last[:, None]
-            return self._rows(hidden, cos, sin, keys, rows, valid).squeeze(1)
-        total = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
+            return self._rows(inputs, keys, last[:, None], valid).squeeze(1)
+        total = torch.zeros(batch, length, dtype=torch.float32, device=keys.device)
         for start in range(0, length, QUERY_CHUNK):
-            rows = torch.arange(start, min(start + QUERY_CHUNK, length), device=hidden.device).expand(
-                batch, -1
-            )
-            probs = self._rows(hidden, cos, sin, keys, rows, valid)
+            rows = torch.arange(start, min(start + QUERY_CHUNK, length), device=keys.device).expand(batch, -1)
+            probs = self._rows(inputs, keys, rows, valid)
             total += (probs * valid.gather(1, rows)[..., None]).sum(dim=1)
         return total / valid.sum(dim=1, keepdim=True).clamp(min=1)
 
-    def _keys(self, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        attn = self.attention
-        keys = attn.k_proj(hidden).view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
-        keys, _ = self.rotary(keys, keys, cos, sin)
-        return keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+    def _rotated_keys(self, inputs: AttentionInputs) -> Tensor:
+        """[B, Hkv, N, d] keys after the module's rotary embedding, in float32."""
+        batch, length = inputs.hidden.shape[:2]
+        keys = inputs.keys.view(batch, length, -1, self.attention.head_dim).transpose(1, 2)
+        keys, _ = self.rotary(keys, keys, *inputs.rotary)
+        return keys.float()
 
-    def _rows(
-        self, hidden: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, rows: Tensor, valid: Tensor
-    ) -> Tensor:
-        """[B, r, L] softmax attention of query rows `rows` [B, r], averaged over heads, in float32."""
+    def _rows(self, inputs: AttentionInputs, keys: Tensor, rows: Tensor, valid: Tensor) -> Tensor:
+        """[B, r, L] softmax attention of query rows `rows` [B, r], averaged over heads, in float32.
+
+        Query heads are grouped over their shared key head (GQA) instead of repeating the keys.
+        """
         attn = self.attention
-        picked = gather_tokens(hidden, rows, 1)
-        queries = attn.q_proj(picked).view(*rows.shape, -1, attn.head_dim).transpose(1, 2)
+        batch, n_rows = rows.shape
+        cos, sin = inputs.rotary
+        queries = attn.q_proj(gather_tokens(inputs.hidden, rows, 1))
+        queries = queries.view(batch, n_rows, -1, attn.head_dim).transpose(1, 2)
         queries, _ = self.rotary(queries, queries, gather_tokens(cos, rows, 1), gather_tokens(sin, rows, 1))
-        logits = (queries.float() @ keys.float().transpose(-1, -2)) * attn.scaling
-        key_index = torch.arange(hidden.shape[1], device=hidden.device)
+        kv_heads, dim = keys.shape[1], keys.shape[-1]
+        grouped = queries.float().reshape(batch, kv_heads, -1, n_rows, dim).flatten(2, 3)
+        logits = (grouped @ keys.transpose(-1, -2)).view(batch, -1, n_rows, keys.shape[2]) * attn.scaling
+        key_index = torch.arange(keys.shape[2], device=keys.device)
         allowed = valid[:, None, :] & (key_index[None, None, :] <= rows[:, :, None])
         logits = logits.masked_fill(~allowed[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)

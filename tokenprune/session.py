@@ -10,6 +10,7 @@ with the kept tokens only, and decode steps get masks sized for each layer's sho
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from tokenprune.adapter import Adapter
 from tokenprune.config import ReductionConfig, Stage
 from tokenprune.errors import InputError, StrategyError
 from tokenprune.layout import VisualLayout
+from tokenprune.probe import AttentionInputs
 from tokenprune.reducer import Reducer, Signals, TokenView
 from tokenprune.sequence import (
     build_causal_mask,
@@ -109,7 +111,7 @@ class Session:
         layers = self.adapter.decoder_layers()
         for layer in self.stages:
             if layer > 0:
-                self._hook_pre(self.adapter.attention_module(layer - 1), self._capture(layer - 1))
+                self._handles += self._watch(layer - 1)
         for index in range(self.first_layer, len(layers)):
             self._hook_pre(layers[index], self._layer_hook(index))
         self._handles.append(layers[-1].register_forward_hook(self._on_last_layer))
@@ -164,14 +166,15 @@ class Session:
 
     # -- decoder layers -------------------------------------------------------------------------
 
-    def _capture(self, layer: int) -> Callable:
+    def _watch(self, layer: int) -> list[RemovableHandle]:
+        """Let the probe of `layer` keep references to what that layer computes, for lazy signals."""
         probe = self.adapter.probe(layer)
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        def store(inputs: AttentionInputs) -> None:
             if self._pass is not None:
-                self._pass.probe_inputs[layer] = (probe, probe.inputs_of(kwargs, args))
+                self._pass.probe_inputs[layer] = (probe, inputs)
 
-        return hook
+        return probe.watch(store)
 
     def _layer_hook(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -237,15 +240,10 @@ class Session:
         layout = state.layout
         last_real = torch.zeros_like(valid).scatter_(1, _last_true(valid)[:, None], True)
         candidates = gather_tokens(layout.visual, index, 1) & valid & ~last_real
-        original = (
-            layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, hidden.device)
-        ).sum(1)
+        original = layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, hidden.device)
+        counts = torch.stack([original.sum(1), candidates.sum(1)]).tolist()  # one host sync per stage
         budget = torch.tensor(
-            [
-                min(stage.kept_count(int(n)), int(c))
-                for n, c in zip(original.tolist(), candidates.sum(1).tolist(), strict=True)
-            ],
-            device=hidden.device,
+            [min(stage.kept_count(n), c) for n, c in zip(*counts, strict=True)], device=hidden.device
         )
         return TokenView(
             hidden=hidden,
@@ -327,29 +325,26 @@ def _check_selection(name: str, keep: Tensor, view: TokenView) -> None:
             f"{name}.select returned {tuple(keep.shape)} {keep.dtype}, "
             f"expected bool {tuple(view.candidates.shape)}"
         )
-    if bool((keep & ~view.candidates).any()):
-        raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
     counts = keep.sum(dim=1)
-    if not torch.equal(counts, view.budget):
+    outside, off_budget = torch.stack(
+        [(keep & ~view.candidates).any(), (counts != view.budget).any()]
+    ).tolist()
+    if outside:
+        raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
+    if off_budget:
         raise StrategyError(
             f"{name}.select kept {counts.tolist()} tokens per sample, the budget is {view.budget.tolist()}"
         )
 
 
 def _event(layer: int, view: TokenView, keep: Tensor, kept: Tensor) -> ReductionEvent:
-    return ReductionEvent(
-        layer=layer,
-        tokens_before=view.valid.sum(1).tolist(),
-        tokens_after=(kept >= 0).sum(1).tolist(),
-        visual_before=view.candidates.sum(1).tolist(),
-        visual_after=keep.sum(1).tolist(),
-        kept=kept,
-    )
+    counts = torch.stack(
+        [view.valid.sum(1), (kept >= 0).sum(1), view.candidates.sum(1), keep.sum(1)]
+    ).tolist()
+    return ReductionEvent(layer, *counts, kept=kept)
 
 
 def _forward_parameters(module: nn.Module) -> list[str]:
-    import inspect
-
     return [
         name
         for name, p in inspect.signature(module.forward).parameters.items()
