@@ -2,7 +2,8 @@
 
 For each image (segment) the budget share is spread as a strided lattice over its (T, H, W) grid:
 rows and columns (and frames) are sampled at even strides, not every k-th index of a flattened
-list. The sample's budget is shared between its images in proportion to their token counts.
+list. The sample's budget is shared between its images in proportion to their token counts
+(or, with `budget: per_frame`, each segment keeps its own).
 """
 
 from __future__ import annotations
@@ -51,11 +52,18 @@ class UniformGrid(Reducer):
             self._select_sample(view, b, keep[b])
         return keep
 
+    @staticmethod
+    def _shares(view: TokenView, b: int, ids: list[int], sizes: list[int]) -> list[int]:
+        """Each segment's budget: given (`budget: per_frame`) or the sample's, shared by size."""
+        if view.segment_budget is not None:
+            return view.segment_budget[b, ids].tolist()
+        return split_budget(int(view.budget[b]), sizes)
+
     def _select_sample(self, view: TokenView, b: int, keep: Tensor) -> None:
         segments = view.segment[b]
         ids = segments[view.candidates[b]].unique().tolist()
         sizes = [int((segments == s).sum()) for s in ids]
-        for seg, share in zip(ids, split_budget(int(view.budget[b]), sizes), strict=True):
+        for seg, share in zip(ids, self._shares(view, b, ids, sizes), strict=True):
             where = (segments == seg).nonzero().squeeze(1)
             extent = tuple(view.extent[b, where[0]].tolist())
             cell_to_token = {

@@ -115,3 +115,27 @@ def test_fastv_keeps_the_most_attended_tokens(llava_eager):
     visual = (inputs["input_ids"][0] == 3).nonzero().squeeze(1)
     expected = visual[maps[visual].topk(9).indices].sort().values
     assert torch.equal(kept[(inputs["input_ids"][0, kept] == 3)], expected)
+
+
+def test_grouped_top_k_keeps_each_groups_budget():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.5]])
+    candidates = torch.tensor([[True, True, True, True, True, True, False]])
+    groups = torch.tensor([[0, 0, 0, 1, 1, 1, -1]])
+    keep = top_k_mask(scores, candidates, torch.tensor([[1, 2]]), groups)
+    assert keep.tolist() == [[True, False, False, False, True, True, False]]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", ["fastv", "random", "uniform"])
+@given(ratio=st.floats(0.0, 0.95), layer=st.integers(1, 3))
+def test_per_frame_budgets_keep_each_segments_share(llava_sdpa, strategy, ratio, layer):
+    inputs = llava_inputs([Prompt([2, 3, 1], 2), Prompt([4, 1], 1)])
+    config = tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio, budget="per_frame")
+    with tp.attach(llava_sdpa, config) as handle:
+        llava_sdpa(**inputs, use_cache=False)
+        kept = handle.trace[0].kept
+    for b, row in enumerate(kept):
+        starts = (inputs["input_ids"][b] == 3).nonzero().squeeze(1)[::36]
+        for first in starts:
+            in_image = [p for p in row.tolist() if 0 <= p - first < 36]
+            assert len(in_image) == round(36 * (1 - ratio))

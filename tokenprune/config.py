@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -60,6 +60,11 @@ class ReductionConfig(BaseModel):
     ratio: float | None = Field(None, ge=0.0, lt=1.0)
     keep: int | None = Field(None, ge=0)
     stages: tuple[Stage, ...] = ()
+    budget: Literal["sample", "per_frame"] = Field(
+        "sample",
+        description="one budget over all visual tokens of a sample (FastV), or one per segment: "
+        "each video frame, image or sub-grid keeps its own share",
+    )
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

@@ -33,6 +33,7 @@ class VisualLayout:
     segment: Tensor
     coords: Tensor
     extent: Tensor
+    segments: int = 0  # the largest number of segments in one sample
 
     @classmethod
     def from_segments(
@@ -50,7 +51,7 @@ class VisualLayout:
             coords[seg.sample, pos] = seg.coords.to(device)
             extent[seg.sample, pos] = torch.tensor(seg.extent, device=device)
             per_sample[seg.sample] += 1
-        return cls(visual, segment, coords, extent)
+        return cls(visual, segment, coords, extent, max(per_sample, default=0))
 
 
 def grid_coords(height: int, width: int, frame: int = 0) -> Tensor:

@@ -65,6 +65,8 @@ class TokenView:
     - extent    [B, L, 3] long  (T, H, W) of that grid, 0 for non-visual tokens
     - positions [B, L] long  original sequence position (index into the input ids), -1 for filler
     - budget    [B] long   how many candidates to keep in each sample
+    - segment_budget [B, S] long or None  with `budget: per_frame`, how many to keep in each
+                segment (image, frame or sub-grid; `budget` is then their sum per sample)
     """
 
     hidden: Tensor
@@ -77,6 +79,13 @@ class TokenView:
     budget: Tensor
     layer: int
     signals: Signals = field(default_factory=Signals)
+    segment_budget: Tensor | None = None
+
+    def quota(self) -> tuple[Tensor, Tensor | None]:
+        """(budgets, groups) for `top_k_mask`: per sample, or per segment with `budget: per_frame`."""
+        if self.segment_budget is None:
+            return self.budget, None
+        return self.segment_budget, self.segment
 
 
 class Reducer(ABC):
@@ -106,17 +115,33 @@ class ScoreReducer(Reducer):
         """Float [B, L]: higher is kept first; ties go to the earlier position."""
 
     def select(self, view: TokenView) -> Tensor:
-        return top_k_mask(self.score(view), view.candidates, view.budget)
+        return top_k_mask(self.score(view), view.candidates, *view.quota())
 
 
-def top_k_mask(scores: Tensor, candidates: Tensor, budget: Tensor) -> Tensor:
-    """Bool [B, L]: the `budget[b]` best-scoring candidates of each row (stable: earlier wins ties)."""
+def top_k_mask(scores: Tensor, candidates: Tensor, budget: Tensor, groups: Tensor | None = None) -> Tensor:
+    """Bool [B, L]: the best-scoring candidates, `budget[b]` per row, or `budget[b, g]` per group.
+
+    `groups` [B, L] gives each candidate's group (e.g. its segment) when `budget` is [B, G].
+    Sorting is stable, so among equal scores the earlier token wins.
+    """
+    if groups is None:
+        budget, groups = budget[:, None], torch.zeros_like(candidates, dtype=torch.long)
+    n_groups = budget.shape[1]
+    groups = groups.masked_fill(~candidates, n_groups)  # non-candidates: an extra group with no budget
+    budget = torch.nn.functional.pad(budget, (0, 1))
     ranked = scores.float().masked_fill(~candidates, float("-inf"))
     order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )
-    return candidates & (rank < budget[:, None])
+    in_order = torch.nn.functional.one_hot(groups.gather(1, order), n_groups + 1)
+    rank = (in_order.cumsum(dim=1) * in_order).sum(-1) - 1  # rank within its group, best first
+    keep_in_order = rank < budget.gather(1, groups.gather(1, order))
+    return torch.zeros_like(candidates).scatter(1, order, keep_in_order) & candidates
+
+
+def group_counts(mask: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """[B, G] number of True entries of `mask` [B, L] in each group (`groups` [B, L], -1: none)."""
+    slot = groups.clamp(min=0).masked_fill(~mask | (groups < 0), n_groups)
+    counts = torch.zeros(mask.shape[0], n_groups + 1, dtype=torch.long, device=mask.device)
+    return counts.scatter_add_(1, slot, torch.ones_like(slot))[:, :n_groups]
 
 
 def split_budget(budget: int, sizes: list[int]) -> list[int]:

@@ -25,7 +25,7 @@ from tokenprune.config import ReductionConfig, Stage
 from tokenprune.errors import InputError, StrategyError
 from tokenprune.layout import VisualLayout
 from tokenprune.probe import AttentionInputs
-from tokenprune.reducer import Reducer, Signals, TokenView
+from tokenprune.reducer import Reducer, Signals, TokenView, group_counts
 from tokenprune.sequence import (
     build_causal_mask,
     compose,
@@ -240,23 +240,42 @@ class Session:
         layout = state.layout
         last_real = torch.zeros_like(valid).scatter_(1, _last_true(valid)[:, None], True)
         candidates = gather_tokens(layout.visual, index, 1) & valid & ~last_real
-        original = layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, hidden.device)
-        counts = torch.stack([original.sum(1), candidates.sum(1)]).tolist()  # one host sync per stage
-        budget = torch.tensor(
-            [min(stage.kept_count(n), c) for n, c in zip(*counts, strict=True)], device=hidden.device
-        )
+        segment = gather_tokens(layout.segment, index, 1).masked_fill(~candidates, -1)
+        budgets = self._budgets(state, stage, candidates, segment)
         return TokenView(
             hidden=hidden,
             candidates=candidates,
             valid=valid,
-            segment=gather_tokens(layout.segment, index, 1).masked_fill(~candidates, -1),
+            segment=segment,
             coords=gather_tokens(layout.coords, index, 1),
             extent=gather_tokens(layout.extent, index, 1),
             positions=index,
-            budget=budget,
+            budget=budgets.sum(dim=1),
             layer=stage.layer,
             signals=self._signals(state, stage.layer, valid),
+            segment_budget=budgets if self.config.budget == "per_frame" else None,
         )
+
+    def _budgets(self, state: _Pass, stage: Stage, candidates: Tensor, segment: Tensor) -> Tensor:
+        """[B, G] visual tokens to keep: one budget per sample (G = 1) or one per segment.
+
+        Counted from the group's original visual tokens (a schedule's ratios all refer to the input),
+        capped by the candidates still present.
+        """
+        layout = state.layout
+        original = layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, candidates.device)
+        if self.config.budget == "per_frame":
+            n_groups, groups_then, groups_now = max(layout.segments, 1), layout.segment, segment
+        else:
+            n_groups, groups_then, groups_now = 1, torch.zeros_like(layout.segment), torch.zeros_like(segment)
+        then = group_counts(original, groups_then, n_groups)
+        now = group_counts(candidates, groups_now, n_groups)
+        rows = torch.stack([then, now]).tolist()  # one host sync per stage
+        budgets = [
+            [min(stage.kept_count(n), c) for n, c in zip(row_then, row_now, strict=True)]
+            for row_then, row_now in zip(*rows, strict=True)
+        ]
+        return torch.tensor(budgets, dtype=torch.long, device=candidates.device)
 
     def _signals(self, state: _Pass, layer: int, valid: Tensor) -> Signals:
         captured = state.probe_inputs.get(layer - 1)
@@ -326,14 +345,18 @@ def _check_selection(name: str, keep: Tensor, view: TokenView) -> None:
             f"expected bool {tuple(view.candidates.shape)}"
         )
     counts = keep.sum(dim=1)
-    outside, off_budget = torch.stack(
-        [(keep & ~view.candidates).any(), (counts != view.budget).any()]
-    ).tolist()
+    budget, groups = view.quota()
+    if groups is None:
+        per_group, budget = counts[:, None], budget[:, None]
+    else:
+        per_group = group_counts(keep, groups, budget.shape[1])
+    outside, off_budget = torch.stack([(keep & ~view.candidates).any(), (per_group != budget).any()]).tolist()
     if outside:
         raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
     if off_budget:
         raise StrategyError(
-            f"{name}.select kept {counts.tolist()} tokens per sample, the budget is {view.budget.tolist()}"
+            f"{name}.select kept {per_group.tolist()} tokens per {'sample' if groups is None else 'segment'}, "
+            f"the budget is {budget.tolist()}"
         )
 
 
