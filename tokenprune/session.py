@@ -354,9 +354,9 @@ def _check_selection(name: str, keep: Tensor, view: TokenView) -> None:
     if outside:
         raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
     if off_budget:
+        unit = "sample" if groups is None else "segment"
         raise StrategyError(
-            f"{name}.select kept {per_group.tolist()} tokens per {'sample' if groups is None else 'segment'}, "
-            f"the budget is {budget.tolist()}"
+            f"{name}.select kept {per_group.tolist()} per {unit}, the budget is {budget.tolist()}"
         )
 
 
