@@ -112,10 +112,13 @@ def generation_positions(mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def oracle_logits(model, inputs: dict[str, Tensor], trace) -> Tensor:
-    """Prefill logits of the unreduced model with the trace's removed tokens masked from their layer on."""
-    valid = inputs["attention_mask"].bool()
-    handles = oracle_masks(model, removed_positions(trace, valid), valid)
+def oracle_logits(model, inputs: dict[str, Tensor], trace, appended: int = 0) -> Tensor:
+    """Logits of the unreduced model with the trace's removed tokens masked from their layer on.
+
+    The last `appended` tokens came after the reduced prompt (a continuation): never removed.
+    """
+    valid = inputs["attention_mask"][:, : inputs["attention_mask"].shape[1] - appended].bool()
+    handles = oracle_masks(model, removed_positions(trace, valid), valid, extra=appended)
     try:
         return model(
             **inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False

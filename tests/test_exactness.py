@@ -174,3 +174,39 @@ def test_sampled_generation_ratio_zero_equals_unattached_and_is_reproducible(lla
             runs.append(llava_sdpa.generate(**inputs, **sample))
     assert torch.equal(identity, reference)
     assert torch.equal(runs[0], runs[1])
+
+
+@torch.no_grad()
+def test_a_multi_token_continuation_on_a_reduced_cache_matches_the_oracle(llava_sdpa):
+    """A chat turn appended after the prefill (several tokens at once) sees the kept prompt tokens only."""
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+    new = torch.randint(10, 120, (2, 3), generator=torch.Generator().manual_seed(4))
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1)
+    positions = generation_positions(mask)
+    length = inputs["input_ids"].shape[1]
+    with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.6)) as handle:
+        first = llava_sdpa(**inputs, position_ids=positions[:, :length], use_cache=True)
+        trace = handle.trace
+        second = llava_sdpa(
+            input_ids=new,
+            attention_mask=mask,
+            position_ids=positions[:, length:],
+            cache=first.cache,
+            use_cache=True,
+        )
+    full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], new], 1), "attention_mask": mask}
+    expected = oracle_logits(llava_sdpa, full, trace, appended=new.shape[1])
+    assert (second.logits - expected[:, length:]).abs().max() <= LOGIT_TOL
+
+
+@torch.no_grad()
+def test_beam_search_and_hidden_state_outputs_run(llava_sdpa):
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+    with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)) as handle:
+        beams = llava_sdpa.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+        out = llava_sdpa(**inputs, output_hidden_states=True, use_cache=False)
+        kept = handle.trace[0].kept.shape[1]
+    assert beams.shape == (2, inputs["input_ids"].shape[1] + 4)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+    assert [h.shape[1] for h in out.hidden_states[1:]][:2] == [inputs["input_ids"].shape[1]] * 2
+    assert out.hidden_states[3].shape[1] == kept
