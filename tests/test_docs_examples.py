@@ -14,7 +14,11 @@ import pytest
 from tokenprune.api import ADAPTERS, STRATEGIES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-GUIDES = ["writing-a-strategy.md", "writing-an-adapter.md"]
+GUIDES = [
+    "writing-a-strategy.md",
+    "writing-an-adapter.md",
+    *sorted(f"adapters/{p.name}" for p in (DOCS / "adapters").glob("*.md")),
+]
 MARKER = "<!-- tested -->"
 
 
