@@ -2,8 +2,8 @@
 
 For each image (segment) the budget share is spread as a strided lattice over its (T, H, W) grid:
 rows and columns (and frames) are sampled at even strides, not every k-th index of a flattened
-list. The sample's budget is shared between its images in proportion to their token counts
-(or, with `budget: per_frame`, each segment keeps its own).
+list. The sample's budget is shared between its images in proportion to their token counts;
+with `budget: per_frame` each frame (a video frame, an image) gets a lattice of its own budget.
 """
 
 from __future__ import annotations
@@ -52,24 +52,19 @@ class UniformGrid(Reducer):
             self._select_sample(view, b, keep[b])
         return keep
 
-    @staticmethod
-    def _shares(view: TokenView, b: int, ids: list[int], sizes: list[int]) -> list[int]:
-        """Each segment's budget: given (`budget: per_frame`) or the sample's, shared by size."""
-        if view.segment_budget is not None:
-            return view.segment_budget[b, ids].tolist()
-        return split_budget(int(view.budget[b]), sizes)
-
     def _select_sample(self, view: TokenView, b: int, keep: Tensor) -> None:
-        segments = view.segment[b]
-        ids = segments[view.candidates[b]].unique().tolist()
-        sizes = [int((segments == s).sum()) for s in ids]
-        for seg, share in zip(ids, self._shares(view, b, ids, sizes), strict=True):
-            where = (segments == seg).nonzero().squeeze(1)
-            extent = tuple(view.extent[b, where[0]].tolist())
-            cell_to_token = {
-                tuple(c): int(i) for c, i in zip(view.coords[b, where].tolist(), where.tolist(), strict=True)
-            }
-            chosen = [cell_to_token[c] for c in lattice(extent, share) if c in cell_to_token]
+        per_frame = view.frame_budget is not None
+        groups = view.frame[b] if per_frame else view.segment[b]
+        ids = groups[view.candidates[b]].unique().tolist()
+        sizes = [int((groups == g).sum()) for g in ids]
+        shares = view.frame_budget[b, ids].tolist() if per_frame else split_budget(int(view.budget[b]), sizes)
+        for group, share in zip(ids, shares, strict=True):
+            where = (groups == group).nonzero().squeeze(1)
+            extent, coords = view.extent[b, where[0]].tolist(), view.coords[b, where]
+            if per_frame:  # one frame of its segment: a lattice over that frame's (H, W) grid
+                extent, coords = [1, *extent[1:]], coords * torch.tensor([0, 1, 1], device=coords.device)
+            cell_to_token = {tuple(c): int(i) for c, i in zip(coords.tolist(), where.tolist(), strict=True)}
+            chosen = [cell_to_token[c] for c in lattice(tuple(extent), share) if c in cell_to_token]
             keep[chosen] = True
             missing = share - len(chosen)
             if missing:  # cells absent from this sequence (an earlier stage removed them): fill in order

@@ -125,9 +125,10 @@ def test_reduced_run_counts() -> None:
     assert full - reduced == 2 * (layer_flops(shape, n) - layer_flops(shape, kept))
 
     # torch's own counter sees the layers really run at those lengths. Layer 2 also carries the
-    # FastV score, computed in its pre-hook: layer 1's keys again, one query row, one row of logits.
+    # FastV score, computed in its pre-hook: one query row of layer 1 and one row of logits (the
+    # keys are the ones layer 1 projected anyway).
     assert measured[0] == layer_flops(shape, n)
     assert measured[3] == layer_flops(shape, kept)
-    head_dim, width = shape.head_dim, shape.heads * shape.head_dim
-    score = 2 * n * shape.hidden * shape.kv_heads * head_dim + 2 * shape.hidden * width + 2 * n * width
+    width = shape.heads * shape.head_dim
+    score = 2 * shape.hidden * width + 2 * n * width
     assert measured[2] == layer_flops(shape, kept) + score

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from tokenprune.layout import VisualLayout
@@ -55,3 +55,13 @@ class Adapter(ABC):
     def probe(self, layer: int) -> ProjectionProbe:
         """What recomputes attention scores at `layer` (override for non-Llama-style attention)."""
         return ProjectionProbe(self.attention_module(layer))
+
+    def continued_position_ids(self, positions: Tensor, inputs: dict[str, Any]) -> Tensor:
+        """Position ids of new tokens at sequence `positions` [1, q] after a prompt reduced at layer 0.
+
+        The core passes them when the caller gave none (a hand-written decode loop after a layer-0 site):
+        `positions` count from the original prompt length, not from layer 0's shorter cache. The default
+        gives them as they are (1-D, Llama-style); override for a model whose positions are offset or of
+        another rank (Qwen2-VL's 3-D M-RoPE).
+        """
+        return positions

@@ -62,7 +62,7 @@ class ReductionConfig(BaseModel):
     stages: tuple[Stage, ...] = ()
     budget: Literal["sample", "per_frame"] = Field(
         "sample",
-        description="one budget over all visual tokens of a sample (FastV), or one per segment: "
+        description="one budget over all visual tokens of a sample (FastV), or one per frame: "
         "each video frame, image or sub-grid keeps its own share",
     )
     params: dict[str, Any] = Field(default_factory=dict)

@@ -33,7 +33,8 @@ class VisualLayout:
     segment: Tensor
     coords: Tensor
     extent: Tensor
-    segments: int = 0  # the largest number of segments in one sample
+    frame: Tensor  # [B, N] index of the token's (segment, t) pair in its sample, -1 for non-visual
+    frames: int = 0  # the largest number of (segment, t) frames in one sample
 
     @classmethod
     def from_segments(
@@ -43,15 +44,19 @@ class VisualLayout:
         segment = torch.full((batch, length), -1, dtype=torch.long, device=device)
         coords = torch.full((batch, length, 3), -1, dtype=torch.long, device=device)
         extent = torch.zeros(batch, length, 3, dtype=torch.long, device=device)
-        per_sample = [0] * batch
+        frame = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        per_sample, frames_per_sample = [0] * batch, [0] * batch
         for seg in segments:
             pos = seg.positions.to(device)
             visual[seg.sample, pos] = True
             segment[seg.sample, pos] = per_sample[seg.sample]
             coords[seg.sample, pos] = seg.coords.to(device)
             extent[seg.sample, pos] = torch.tensor(seg.extent, device=device)
+            times, frame_of = seg.coords[:, 0].unique(return_inverse=True)
+            frame[seg.sample, pos] = frames_per_sample[seg.sample] + frame_of.to(device)
             per_sample[seg.sample] += 1
-        return cls(visual, segment, coords, extent, max(per_sample, default=0))
+            frames_per_sample[seg.sample] += len(times)
+        return cls(visual, segment, coords, extent, frame, max(frames_per_sample, default=0))
 
 
 def grid_coords(height: int, width: int, frame: int = 0) -> Tensor:

@@ -65,8 +65,10 @@ class TokenView:
     - extent    [B, L, 3] long  (T, H, W) of that grid, 0 for non-visual tokens
     - positions [B, L] long  original sequence position (index into the input ids), -1 for filler
     - budget    [B] long   how many candidates to keep in each sample
-    - segment_budget [B, S] long or None  with `budget: per_frame`, how many to keep in each
-                segment (image, frame or sub-grid; `budget` is then their sum per sample)
+    - frame     [B, L] long  index of a candidate's frame in its sample: one per (segment, t) pair,
+                so a video frame, an image, a sub-grid; -1 otherwise
+    - frame_budget [B, F] long or None  with `budget: per_frame`, how many to keep in each frame
+                (`budget` is then their sum per sample)
     """
 
     hidden: Tensor
@@ -79,13 +81,14 @@ class TokenView:
     budget: Tensor
     layer: int
     signals: Signals = field(default_factory=Signals)
-    segment_budget: Tensor | None = None
+    frame: Tensor | None = None
+    frame_budget: Tensor | None = None
 
     def quota(self) -> tuple[Tensor, Tensor | None]:
-        """(budgets, groups) for `top_k_mask`: per sample, or per segment with `budget: per_frame`."""
-        if self.segment_budget is None:
+        """(budgets, groups) for `top_k_mask`: per sample, or per frame with `budget: per_frame`."""
+        if self.frame_budget is None:
             return self.budget, None
-        return self.segment_budget, self.segment
+        return self.frame_budget, self.frame
 
 
 class Reducer(ABC):

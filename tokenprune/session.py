@@ -156,7 +156,8 @@ class Session:
             return None
         first_layer, key_valid = record.stages[0]
         past = cache.get_seq_length(first_layer) - key_valid.shape[1] + record.original_length
-        return torch.arange(past, past + q_length, device=key_valid.device)[None]
+        positions = torch.arange(past, past + q_length, device=key_valid.device)[None]
+        return self.adapter.continued_position_ids(positions, inputs)
 
     def _on_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         finished = self._pass
@@ -241,7 +242,8 @@ class Session:
         last_real = torch.zeros_like(valid).scatter_(1, _last_true(valid)[:, None], True)
         candidates = gather_tokens(layout.visual, index, 1) & valid & ~last_real
         segment = gather_tokens(layout.segment, index, 1).masked_fill(~candidates, -1)
-        budgets = self._budgets(state, stage, candidates, segment)
+        frame = gather_tokens(layout.frame, index, 1).masked_fill(~candidates, -1)
+        budgets = self._budgets(state, stage, candidates, frame)
         return TokenView(
             hidden=hidden,
             candidates=candidates,
@@ -253,11 +255,12 @@ class Session:
             budget=budgets.sum(dim=1),
             layer=stage.layer,
             signals=self._signals(state, stage.layer, valid),
-            segment_budget=budgets if self.config.budget == "per_frame" else None,
+            frame=frame,
+            frame_budget=budgets if self.config.budget == "per_frame" else None,
         )
 
-    def _budgets(self, state: _Pass, stage: Stage, candidates: Tensor, segment: Tensor) -> Tensor:
-        """[B, G] visual tokens to keep: one budget per sample (G = 1) or one per segment.
+    def _budgets(self, state: _Pass, stage: Stage, candidates: Tensor, frame: Tensor) -> Tensor:
+        """[B, G] visual tokens to keep: one budget per sample (G = 1) or one per frame.
 
         Counted from the group's original visual tokens (a schedule's ratios all refer to the input),
         capped by the candidates still present.
@@ -265,9 +268,9 @@ class Session:
         layout = state.layout
         original = layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, candidates.device)
         if self.config.budget == "per_frame":
-            n_groups, groups_then, groups_now = max(layout.segments, 1), layout.segment, segment
+            n_groups, groups_then, groups_now = max(layout.frames, 1), layout.frame, frame
         else:
-            n_groups, groups_then, groups_now = 1, torch.zeros_like(layout.segment), torch.zeros_like(segment)
+            n_groups, groups_then, groups_now = 1, torch.zeros_like(layout.frame), torch.zeros_like(frame)
         then = group_counts(original, groups_then, n_groups)
         now = group_counts(candidates, groups_now, n_groups)
         rows = torch.stack([then, now]).tolist()  # one host sync per stage
@@ -354,7 +357,7 @@ def _check_selection(name: str, keep: Tensor, view: TokenView) -> None:
     if outside:
         raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
     if off_budget:
-        unit = "sample" if groups is None else "segment"
+        unit = "sample" if groups is None else "frame"
         raise StrategyError(
             f"{name}.select kept {per_group.tolist()} per {unit}, the budget is {budget.tolist()}"
         )

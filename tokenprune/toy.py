@@ -107,3 +107,127 @@ def _no_placeholder_generation(model: M) -> M:
     """Random weights may favour the image placeholder id: a real model never generates it."""
     model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
     return model
+
+
+VIDEO_TOKEN_ID = 4
+
+
+def toy_video_llava(
+    size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0
+) -> PreTrainedModel:
+    """A Video-LLaVA-shaped model: `size.grid ** 2` tokens per image, `1 + size.grid ** 2` per video frame."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    config = VideoLlavaConfig(
+        vision_config=vision_config(size),
+        text_config=text_config(size, attn_implementation),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(seed)
+    model = _no_placeholder_generation(VideoLlavaForConditionalGeneration(config).eval())
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
+    return model
+
+
+VISION_START_TOKEN_ID = 5
+VISION_END_TOKEN_ID = 6
+
+
+def qwen_text_config(size: ToySize, attn_implementation: str) -> dict:
+    """A Qwen2-VL text config: the Llama-like sizes plus M-RoPE sections (t, h, w) in the real 2:3:3 split."""
+    half = size.hidden // size.heads // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return {
+        "vocab_size": size.vocab,
+        "hidden_size": size.hidden,
+        "intermediate_size": size.intermediate,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "max_position_embeddings": 4096,
+        "pad_token_id": PAD_TOKEN_ID,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [temporal, height, half - temporal - height],
+        },
+        "attn_implementation": attn_implementation,
+    }
+
+
+def qwen_token_ids() -> dict[str, int]:
+    """The placeholder and vision-span token ids of the Qwen toys (within the toy vocabulary)."""
+    return {
+        "image_token_id": IMAGE_TOKEN_ID,
+        "video_token_id": VIDEO_TOKEN_ID,
+        "vision_start_token_id": VISION_START_TOKEN_ID,
+        "vision_end_token_id": VISION_END_TOKEN_ID,
+    }
+
+
+def toy_qwen2_vl(
+    size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0
+) -> PreTrainedModel:
+    """A Qwen2-VL-shaped model: dynamic-resolution vision tower with a 2 x 2 patch merger, 3-D M-RoPE.
+
+    Pixel inputs are the processor's flattened patches: [sum(t * h * w), 3 * 2 * patch * patch] rows
+    for grids (t, h, w) of even h and w; each image or video gets t * h * w / 4 placeholder tokens.
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=qwen_text_config(size, attn_implementation),
+        vision_config={
+            "depth": size.vision_layers,
+            "embed_dim": size.vision_hidden,
+            "hidden_size": size.hidden,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": size.patch,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        attn_implementation=attn_implementation,
+        **qwen_token_ids(),
+    )
+    torch.manual_seed(seed)
+    model = _no_placeholder_generation(Qwen2VLForConditionalGeneration(config).eval())
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
+    return model
+
+
+def toy_qwen2_5_vl(
+    size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0
+) -> PreTrainedModel:
+    """A Qwen2.5-VL-shaped model: as `toy_qwen2_vl`, with windowed vision attention and timed videos."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=qwen_text_config(size, attn_implementation),
+        vision_config={
+            "depth": size.vision_layers,
+            "hidden_size": size.vision_hidden,
+            "intermediate_size": size.vision_hidden * 2,
+            "out_hidden_size": size.hidden,
+            "num_heads": 2,
+            "patch_size": size.patch,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": size.patch * 2 * 2,  # windows of 2 x 2 merged tokens
+            "fullatt_block_indexes": [size.vision_layers - 1],
+            "tokens_per_second": 2,
+        },
+        attn_implementation=attn_implementation,
+        **qwen_token_ids(),
+    )
+    torch.manual_seed(seed)
+    model = _no_placeholder_generation(Qwen2_5_VLForConditionalGeneration(config).eval())
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
+    return model

@@ -1,0 +1,401 @@
+"""Qwen2-VL / Qwen2.5-VL: images and videos, 3-D M-RoPE positions, rope_deltas, generate's pre-encoded inputs.
+
+Tolerances (float32): ratio 0 equals no attachment (max abs diff <= 1e-5); prefill logits at kept
+positions equal the mask oracle's (<= 1e-4); greedy tokens equal the oracle's except after a
+near-tie of its top two logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from oracles import assert_same_greedy
+from qwen_inputs import Item, QwenPrompt, qwen_inputs, qwen_oracle_greedy, qwen_oracle_logits
+from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+from transformers import DynamicCache
+
+import tokenprune as tp
+from tokenprune.layout import grid_coords
+from tokenprune.toy import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, toy_qwen2_5_vl, toy_qwen2_vl
+
+STRATEGIES = ["fastv", "random", "uniform"]
+LOGIT_TOL = 1e-4
+IDENTITY_TOL = 1e-5
+
+sides = st.sampled_from([2, 4, 6])
+items = st.one_of(
+    st.builds(lambda h, w: Item((1, h, w)), sides, sides),
+    st.builds(lambda t, h, w: Item((t, h, w), video=True), st.integers(1, 3), sides, sides),
+)
+prompts = st.builds(
+    lambda text, chosen: QwenPrompt(text[: len(chosen) + 1], chosen),
+    st.lists(st.integers(1, 4), min_size=3, max_size=3),
+    st.lists(items, max_size=2),
+)
+configs = st.builds(
+    lambda strategy, layer, ratio, budget: tp.ReductionConfig(
+        strategy=strategy, layer=max(layer, 1) if strategy == "fastv" else layer, ratio=ratio, budget=budget
+    ),
+    st.sampled_from(STRATEGIES),
+    st.integers(0, 3),
+    st.floats(0.1, 0.9),
+    st.sampled_from(["sample", "per_frame"]),
+)
+
+MIXED = [
+    QwenPrompt([2, 1, 3], [Item((1, 4, 6)), Item((2, 4, 4), video=True)]),
+    QwenPrompt([1, 2], [Item((1, 2, 4))]),
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_models():
+    return {impl: toy_qwen2_vl(attn_implementation=impl) for impl in ("sdpa", "eager")}
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_models):
+    return qwen_models["sdpa"]
+
+
+@pytest.fixture(scope="module")
+def qwen25():
+    return toy_qwen2_5_vl()
+
+
+def timed(model, inputs: dict) -> dict:
+    """Qwen2.5-VL video inputs with 1.5 s per temporal patch (temporal positions 3 apart)."""
+    if model.config.model_type == "qwen2_5_vl" and "video_grid_thw" in inputs:
+        inputs["second_per_grid_ts"] = torch.full((len(inputs["video_grid_thw"]),), 1.5)
+    return inputs
+
+
+def greedy(model, inputs: dict, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy tokens [B, steps] and each step's logits, from `generate` with the KV cache."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[:, -steps:], list(out.logits)
+
+
+def layer_inputs(model, layers: list[int]):
+    """Pre-hooks recording the keyword inputs of the given decoder layers at every forward."""
+    seen: dict[int, list[dict]] = {i: [] for i in layers}
+    handles = [
+        model.model.language_model.layers[i].register_forward_pre_hook(
+            lambda m, a, kw, i=i: seen[i].append(kw), with_kwargs=True
+        )
+        for i in layers
+    ]
+    return seen, handles
+
+
+def assert_matches_oracle(model, inputs: dict, config: tp.ReductionConfig, steps: int = 3) -> None:
+    """Prefill logits at kept positions and greedy generation with the cache equal the mask oracle's."""
+    with tp.attach(model, config) as handle:
+        logits = model(**inputs, use_cache=False).logits
+        trace = handle.trace
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        assert all(torch.equal(a.kept, b.kept) for a, b in zip(handle.trace, trace, strict=True))
+    expected = qwen_oracle_logits(model, inputs, trace)
+    for b, row in enumerate(trace[-1].kept):
+        row = row[row >= 0]
+        assert (logits[b, row] - expected[b, row]).abs().max() <= LOGIT_TOL
+    tokens, step_logits = qwen_oracle_greedy(model, inputs, trace, steps)
+    assert_same_greedy(out[:, -steps:], tokens, step_logits)
+
+
+# -- the layout ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_layout_images_and_frames(qwen):
+    inputs = qwen_inputs(qwen, MIXED)
+    ids = inputs["input_ids"]
+    layout = Qwen2VLAdapter(qwen).visual_layout(inputs)
+    assert torch.equal(layout.visual, (ids == IMAGE_TOKEN_ID) | (ids == VIDEO_TOKEN_ID))
+    assert layout.segment[0][layout.visual[0]].tolist() == [0] * 6 + [1] * 8  # an image, a video
+    assert layout.frame[0][layout.visual[0]].tolist() == [0] * 6 + [1] * 4 + [2] * 4  # the video: 2 frames
+    assert layout.extent[0][layout.visual[0]].unique(dim=0).tolist() == [[1, 2, 3], [2, 2, 2]]
+    assert layout.extent[1][layout.visual[1]].unique(dim=0).tolist() == [[1, 1, 2]]
+    video = ids[0] == VIDEO_TOKEN_ID
+    assert torch.equal(layout.coords[0][video], torch.cat([grid_coords(2, 2, frame=t) for t in (0, 1)]))
+    qwen(**inputs)  # the model itself accepts these inputs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_generate_sees_the_same_layout(qwen, qwen25, family):
+    """`generate` drops the grids and passes pre-encoded features and 3-D positions: same layout."""
+    model = qwen if family == "qwen2_vl" else qwen25
+    inputs = timed(model, qwen_inputs(model, [*MIXED, QwenPrompt([3, 1], [Item((3, 6, 4), video=True)])]))
+    calls = []
+    handle = model.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    try:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        handle.remove()
+    prefill = calls[0]
+    assert prefill["image_grid_thw"] is None and prefill["mm_encoder_outputs"]["video"] is not None
+    adapter = Qwen2VLAdapter(model)
+    from_generate, from_grids = adapter.visual_layout(prefill), adapter.visual_layout(inputs)
+    for name in ("visual", "segment", "coords", "extent"):
+        assert torch.equal(getattr(from_generate, name), getattr(from_grids, name)), name
+
+
+@torch.no_grad()
+def test_uniform_per_frame_takes_the_same_lattice_in_every_frame(qwen):
+    inputs = qwen_inputs(qwen, [QwenPrompt([2, 3], [Item((3, 8, 8), video=True)])])
+    config = tp.ReductionConfig(strategy="uniform", layer=1, ratio=0.75, budget="per_frame")
+    with tp.attach(qwen, config) as handle:
+        qwen(**inputs, use_cache=False)
+        kept = handle.trace[0].kept[0]
+    first = int((inputs["input_ids"][0] == VIDEO_TOKEN_ID).nonzero()[0])
+    cells = [
+        sorted(p - first - 16 * t for p in kept.tolist() if 0 <= p - first - 16 * t < 16) for t in range(3)
+    ]
+    assert cells[0] == cells[1] == cells[2] == [5, 7, 13, 15]  # a 2 x 2 lattice of the 4 x 4 merged grid
+
+
+@torch.no_grad()
+def test_fastv_keeps_the_tokens_eager_attention_ranks_first(qwen_models):
+    """The probe's scores on the folded M-RoPE tables equal the attention eager returns at layer K-1."""
+    model = qwen_models["eager"]
+    inputs = qwen_inputs(model, MIXED[:1])
+    maps = model(**inputs, use_cache=False, output_attentions=True).attentions[1].mean(dim=1)[0, -1]
+    with tp.attach(model, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.75)) as handle:
+        model(**inputs, use_cache=False)
+        kept = handle.trace[0].kept[0]
+    ids = inputs["input_ids"][0]
+    visual = ((ids == IMAGE_TOKEN_ID) | (ids == VIDEO_TOKEN_ID)).nonzero().squeeze(1)
+    expected = visual[maps[visual].topk(4).indices].sort().values  # round(14 * 0.25)
+    assert torch.equal(kept[torch.isin(kept, visual)], expected)
+
+
+# -- exactness -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("model_name", ["qwen2_vl sdpa", "qwen2_vl eager", "qwen2_5_vl sdpa"])
+def test_ratio_zero_is_identity(qwen_models, qwen25, model_name, strategy):
+    model = qwen25 if model_name.startswith("qwen2_5") else qwen_models[model_name.split()[1]]
+    inputs = timed(model, qwen_inputs(model, MIXED))
+    reference = model(**inputs).logits
+    reference_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    config = tp.ReductionConfig(strategy=strategy, layer=2 if strategy == "fastv" else 0, ratio=0.0)
+    with tp.attach(model, config) as handle:
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert isinstance(handle.adapter, Qwen2VLAdapter)
+    real = inputs["attention_mask"].bool()
+    assert (logits - reference)[real].abs().max() <= IDENTITY_TOL
+    assert torch.equal(tokens, reference_tokens)
+
+
+@torch.no_grad()
+@given(batch=st.lists(prompts, min_size=1, max_size=3), config=configs, eager=st.booleans())
+def test_prefill_and_greedy_match_the_mask_oracle(qwen_models, batch, config, eager):
+    model = qwen_models["eager" if eager else "sdpa"]
+    assert_matches_oracle(model, qwen_inputs(model, batch), config)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_multi_stage_matches_the_mask_oracle(qwen, strategy):
+    config = tp.ReductionConfig(
+        strategy=strategy, stages=[{"layer": 1, "ratio": 0.4}, {"layer": 3, "ratio": 0.7}]
+    )
+    assert_matches_oracle(qwen, qwen_inputs(qwen, MIXED), config)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("strategy", "layer"), [("fastv", 2), ("random", 0), ("uniform", 0), ("uniform", 2)])
+def test_qwen2_5_matches_the_mask_oracle(qwen25, strategy, layer):
+    inputs = timed(qwen25, qwen_inputs(qwen25, [*MIXED, QwenPrompt([1, 1], [Item((2, 6, 4), video=True)])]))
+    assert_matches_oracle(qwen25, inputs, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=0.5))
+
+
+@torch.no_grad()
+@given(batch=st.lists(prompts, min_size=2, max_size=3), config=configs)
+def test_batch_equals_each_sample_alone(qwen, batch, config):
+    inputs = qwen_inputs(qwen, batch)
+    pad = (1 - inputs["attention_mask"]).sum(1)
+    with tp.attach(qwen, config) as handle:
+        together, _ = greedy(qwen, inputs, 3)
+        kept_together = handle.trace[0].kept
+        for b, prompt in enumerate(batch):
+            alone, logits = greedy(qwen, qwen_inputs(qwen, [prompt], seed=b), 3)
+            kept_alone = handle.trace[0].kept[0]
+            row = kept_together[b]
+            assert torch.equal(row[row >= 0] - pad[b], kept_alone[kept_alone >= 0])
+            assert_same_greedy(together[b : b + 1], alone, logits)
+
+
+# -- positions -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@given(
+    batch=st.lists(prompts, min_size=1, max_size=3),
+    layer=st.integers(0, 3),
+    ratio=st.floats(0.0, 0.9),
+    strategy=st.sampled_from(["random", "uniform"]),
+)
+def test_positions_equal_the_unreduced_run(qwen, batch, layer, ratio, strategy):
+    """Kept tokens keep their 3-D rotary tables; every decode step gets the unreduced run's positions."""
+    inputs = qwen_inputs(qwen, batch)
+    steps, watched = 3, sorted({0, layer, 3})
+    seen, handles = layer_inputs(qwen, watched)
+    qwen.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    for h in handles:
+        h.remove()
+    unreduced = seen
+    with tp.attach(qwen, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)) as handle:
+        seen, handles = layer_inputs(qwen, watched)  # after attaching: sees what the layers get
+        qwen.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        for h in handles:
+            h.remove()
+        kept = handle.trace[0].kept
+    for got, want in zip(
+        seen[layer][0]["position_embeddings"], unreduced[layer][0]["position_embeddings"], strict=True
+    ):
+        want = want.expand(len(kept), -1, -1)
+        for b, row in enumerate(kept):
+            assert torch.equal(got[b, row >= 0], want[b, row[row >= 0]])
+    for i in watched:
+        for step in range(1, steps):
+            got, want = seen[i][step], unreduced[i][step]
+            assert torch.equal(got["position_ids"], want["position_ids"])
+            for a, b in zip(got["position_embeddings"], want["position_embeddings"], strict=True):
+                assert torch.equal(a, b)
+
+
+def hand_loop(model, inputs: dict, steps: int, watched: list[int]) -> tuple[torch.Tensor, dict]:
+    """Greedy decoding with a KV cache and no position ids (the model counts them): tokens, layer inputs."""
+    seen, handles = layer_inputs(model, watched)
+    banned = [*model.generation_config.suppress_tokens, model.generation_config.eos_token_id]
+    cache, tokens = DynamicCache(config=model.config), []
+    try:
+        out = model(**inputs, cache=cache, use_cache=True)
+        for _ in range(steps):
+            nxt = out.logits[:, -1].index_fill(-1, torch.tensor(banned), float("-inf")).argmax(-1)[:, None]
+            tokens.append(nxt)
+            out = model(input_ids=nxt, mm_token_type_ids=torch.zeros_like(nxt), cache=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(tokens, dim=1), seen
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_decode_loop_without_position_ids(qwen, qwen25, family, layer):
+    """A hand-written loop: the model counts positions from layer 0's cache, shorter after a layer-0 site."""
+    model = qwen if family == "qwen2_vl" else qwen25
+    inputs = timed(model, qwen_inputs(model, MIXED[:1]))
+    del inputs["attention_mask"]  # transformers' own Qwen decode positions need no padding mask
+    steps, watched = 3, [0, 3]
+    _, unreduced = hand_loop(model, inputs, steps, watched)
+    config = tp.ReductionConfig(strategy="random", layer=layer, ratio=0.6)
+    with tp.attach(model, config):
+        tokens, seen = hand_loop(model, inputs, steps, watched)
+        expected = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    assert torch.equal(tokens, expected[:, -steps:])
+    for i in watched:
+        for step in range(1, steps + 1):
+            for a, b in zip(
+                seen[i][step]["position_embeddings"], unreduced[i][step]["position_embeddings"], strict=True
+            ):
+                assert torch.equal(a, b)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 2])
+def test_a_second_generate_is_not_affected_by_the_first(qwen, layer):
+    """`rope_deltas` stays on the model between calls: a new prompt must not inherit the last one's."""
+    first = qwen_inputs(qwen, [QwenPrompt([4, 1], [Item((3, 6, 6), video=True)])], seed=3)
+    second = qwen_inputs(qwen, MIXED)
+    with tp.attach(qwen, tp.ReductionConfig(strategy="uniform", layer=layer, ratio=0.5)) as handle:
+        qwen.model.rope_deltas = None
+        fresh = qwen.generate(**second, max_new_tokens=4, do_sample=False)
+        fresh_kept = handle.trace[0].kept
+        qwen.generate(**first, max_new_tokens=4, do_sample=False)
+        again = qwen.generate(**second, max_new_tokens=4, do_sample=False)
+        assert torch.equal(handle.trace[0].kept, fresh_kept)
+    assert torch.equal(again, fresh)
+
+
+# -- inputs, attaching, detaching --------------------------------------------------------------------
+
+
+def _without_token_types(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+
+
+def _grid_too_large(inputs: dict) -> dict:
+    grids = inputs["image_grid_thw"].clone()
+    grids[0, 1] += 2
+    rows = int(grids.prod(-1).sum())
+    return {**inputs, "image_grid_thw": grids, "pixel_values": inputs["pixel_values"][:1].expand(rows, -1)}
+
+
+def _pixels_off_grid(inputs: dict) -> dict:
+    return {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:-1]}
+
+
+def _types_off_placeholders(inputs: dict) -> dict:
+    types = inputs["mm_token_type_ids"].clone()
+    types[types == 2] = 1
+    return {**inputs, "mm_token_type_ids": types}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        (_without_token_types, "mm_token_type_ids"),
+        (_grid_too_large, "images: the input ids hold"),
+        (_pixels_off_grid, "patch rows"),
+        (_types_off_placeholders, "must be 1 exactly at image placeholders"),
+    ],
+)
+def test_bad_inputs_fail_before_any_layer(qwen, broken, message):
+    inputs = broken(qwen_inputs(qwen, MIXED))
+    ran = []
+    hook = qwen.model.language_model.layers[0].register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        config = tp.ReductionConfig(strategy="random", layer=0, ratio=0.5)
+        with tp.attach(qwen, config), pytest.raises(tp.InputError, match=message):
+            qwen(**inputs)
+        if broken is _without_token_types:  # `generate` would compute text-only positions without it
+            with tp.attach(qwen, config), pytest.raises(tp.InputError, match=message):
+                qwen.generate(**inputs, max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert not ran
+
+
+@torch.no_grad()
+def test_text_only_and_detach(qwen25):
+    inputs = timed(qwen25, qwen_inputs(qwen25, MIXED))
+    text = qwen_inputs(qwen25, [QwenPrompt([5]), QwenPrompt([3])])
+    before = qwen25(**inputs).logits
+    before_text = qwen25(**text).logits
+    handle = tp.attach(qwen25, tp.ReductionConfig(strategy="fastv", layer=1, ratio=0.5))
+    qwen25(**inputs)
+    qwen25.generate(**inputs, max_new_tokens=2)
+    assert torch.equal(qwen25(**text).logits, before_text)
+    assert handle.trace[0].visual_after == [0, 0]
+    handle.detach()
+    assert torch.equal(qwen25(**inputs).logits, before)
+    modules = [qwen25.model, *qwen25.model.language_model.layers]
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in modules)
