@@ -72,7 +72,7 @@ class _CacheRecord:
 class _Pass:
     """State of one forward of the entry module."""
 
-    layout: VisualLayout
+    layout: VisualLayout | None  # None: no visual tokens (decode steps, text-only prompts)
     padding_mask: Tensor | None  # the caller's 2-D attention mask, if any
     mode: str | None = None  # "prefill" (reduce), "cached" (continue on a reduced cache) or "off"
     current: _Shortened | None = None
@@ -132,11 +132,7 @@ class Session:
         inputs = {**dict(zip(self._entry_params, args, strict=False)), **kwargs}
         layout = self.adapter.visual_layout(inputs)
         reference = inputs.get("input_ids")
-        if reference is None:
-            reference = inputs["inputs_embeds"]
-        batch, length = reference.shape[:2]
-        if layout is None:
-            layout = VisualLayout.from_segments(batch, length, [], reference.device)
+        length = (reference if reference is not None else inputs["inputs_embeds"]).shape[1]
         padding = inputs.get("attention_mask")
         if padding is not None and padding.ndim != 2:
             raise InputError("tokenprune needs a 2-D attention mask [batch, length] (or none), not a 4-D one")
@@ -219,6 +215,8 @@ class Session:
     def _reduce(self, state: _Pass, stage: Stage, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
         batch, length = hidden.shape[:2]
         if state.current is None:
+            if state.layout is None:
+                state.layout = VisualLayout.from_segments(batch, length, [], hidden.device)
             index = torch.arange(length, device=hidden.device).expand(batch, length)
             valid = _padding_valid(state.padding_mask, batch, length, hidden.device)
             state.restore = torch.cat([hidden, hidden.new_zeros(batch, 1, hidden.shape[-1])], dim=1)
