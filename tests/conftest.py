@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+import tokenprune as tp
 from tokenprune.toy import toy_llava, toy_llava_next
 
 settings.register_profile(
@@ -17,6 +18,9 @@ settings.register_profile("dev", max_examples=40, deadline=None, suppress_health
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Every installed strategy goes through every exactness test: a new one is tested by registering it.
+BUILT_IN_STRATEGIES = tuple(tp.strategies())
 
 
 @pytest.fixture(scope="session")

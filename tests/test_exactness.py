@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import (
@@ -25,7 +26,7 @@ from oracles import (
 
 import tokenprune as tp
 
-STRATEGIES = ["fastv", "random", "uniform"]
+STRATEGIES = list(BUILT_IN_STRATEGIES)
 LOGIT_TOL = 1e-4
 IDENTITY_TOL = 1e-5
 

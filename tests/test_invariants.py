@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import Prompt, llava_inputs
@@ -39,10 +40,10 @@ def layer_inputs(model, layers):
     batch=st.lists(prompts, min_size=1, max_size=3),
     layer=st.integers(0, 3),
     budget=budgets,
-    strategy=st.sampled_from(["random", "uniform", "fastv"]),
+    strategy=st.sampled_from(BUILT_IN_STRATEGIES),
 )
 def test_kept_sets(llava_sdpa, batch, layer, budget, strategy):
-    if strategy == "fastv" and layer == 0:
+    if layer == 0 and "attention" in tp.strategy_class(strategy).requires:
         layer = 1
     inputs = llava_inputs(batch)
     with tp.attach(llava_sdpa, tp.ReductionConfig(strategy=strategy, layer=layer, **budget)) as handle:

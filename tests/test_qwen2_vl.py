@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import assert_same_greedy
@@ -20,7 +21,7 @@ import tokenprune as tp
 from tokenprune.layout import grid_coords
 from tokenprune.toy import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, toy_qwen2_5_vl, toy_qwen2_vl
 
-STRATEGIES = ["fastv", "random", "uniform"]
+STRATEGIES = list(BUILT_IN_STRATEGIES)
 LOGIT_TOL = 1e-4
 IDENTITY_TOL = 1e-5
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import Prompt, llava_inputs
@@ -126,7 +127,7 @@ def test_grouped_top_k_keeps_each_groups_budget():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("strategy", ["fastv", "random", "uniform"])
+@pytest.mark.parametrize("strategy", BUILT_IN_STRATEGIES)
 @given(ratio=st.floats(0.0, 0.95), layer=st.integers(1, 3))
 def test_per_frame_budgets_keep_each_segments_share(llava_sdpa, strategy, ratio, layer):
     inputs = llava_inputs([Prompt([2, 3, 1], 2), Prompt([4, 1], 1)])

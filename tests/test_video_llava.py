@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import (
@@ -32,7 +33,7 @@ import tokenprune as tp
 from tokenprune.reducer import split_budget
 from tokenprune.toy import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, toy_video_llava
 
-STRATEGIES = ["fastv", "random", "uniform"]
+STRATEGIES = list(BUILT_IN_STRATEGIES)
 BUDGETS = ["sample", "per_frame"]
 SIDE = 6  # the toy model's patch grid
 IMAGE_TOKENS = SIDE * SIDE
