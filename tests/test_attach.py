@@ -132,3 +132,23 @@ def test_images_without_input_ids_are_an_input_error(llava_sdpa):
         pytest.raises(tp.InputError, match="input_ids"),
     ):
         llava_sdpa(inputs_embeds=embeds, **inputs)
+
+
+@torch.no_grad()
+def test_a_cache_reduced_by_a_detached_attachment_is_refused(llava_sdpa):
+    inputs = llava_inputs([Prompt([2, 3], 1)])
+    with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)):
+        cache = llava_sdpa(**inputs, use_cache=True).cache
+    step = {"input_ids": torch.tensor([[20]]), "cache": cache, "use_cache": True}
+    with (
+        tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)),
+        pytest.raises(tp.InputError, match="another"),
+    ):
+        llava_sdpa(**step)
+
+
+def test_sliding_window_language_models_are_refused():
+    model = toy_llava()
+    model.model.language_model.config.sliding_window = 16
+    with pytest.raises(tp.AttachError, match="sliding-window"):
+        tp.attach(model, tp.ReductionConfig(ratio=0.5))

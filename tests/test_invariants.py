@@ -143,3 +143,15 @@ def test_text_only_inputs_are_recorded_not_reduced(llava_sdpa):
     assert event.tokens_before == event.tokens_after == [5, 3]
     real = inputs["attention_mask"].bool()
     assert (logits - reference)[real].abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_a_visual_last_token_is_kept_within_the_budget(llava_sdpa):
+    ids = torch.tensor([[1, 11, 12] + [IMAGE_TOKEN_ID] * 36])
+    with tp.attach(llava_sdpa, tp.ReductionConfig(strategy="random", layer=1, ratio=0.5)) as handle:
+        llava_sdpa(input_ids=ids, pixel_values=torch.randn(1, 3, 24, 24))
+        (event,) = handle.trace
+    kept = event.kept[0]
+    assert 38 in kept.tolist()  # generation reads the last token's logits
+    assert event.visual_before == [36] and event.visual_after == [18]
+    assert int((ids[0, kept] == IMAGE_TOKEN_ID).sum()) == 18

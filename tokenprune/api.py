@@ -88,7 +88,11 @@ class Handle:
         return self._session is not None
 
     def detach(self) -> None:
-        """Remove every hook and piece of state; the model is exactly as before `attach`."""
+        """Remove every hook and piece of state; the model is exactly as before `attach`.
+
+        A KV cache filled while attached stays shortened: continue it before detaching. Another
+        attachment refuses it with `InputError`; the bare model has no hook left to notice it.
+        """
         if self._session is None:
             return
         self._session.remove()
@@ -136,7 +140,16 @@ def _check_sites(adapter: Adapter, config: ReductionConfig, reducer_cls: type[Re
                 f"strategy {config.strategy!r} ranks tokens by attention, which needs a layer before the "
                 "site: use layer >= 1 (layer 0 is before the language model)"
             )
-    backend = adapter.text_config()._attn_implementation
+    text = adapter.text_config()
+    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or []) or (
+        getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    )
+    if sliding:
+        raise AttachError(
+            "the language model uses sliding-window attention, which the masks of shortened layers "
+            "do not reproduce yet: use a full-attention checkpoint (sliding_window=None)"
+        )
+    backend = text._attn_implementation
     if backend not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         raise AttachError(
             f"attention implementation {backend!r} has no mask function registered in transformers; "

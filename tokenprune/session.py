@@ -82,6 +82,10 @@ class _Pass:
     events: list[ReductionEvent] = field(default_factory=list)
 
 
+# Every cache shortened by any attachment, so another one (after a detach and re-attach) refuses it.
+_REDUCED_CACHES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def _cache_of(kwargs: dict[str, Any]) -> Any:
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
@@ -200,7 +204,14 @@ class Session:
         state.cache = cache
         if cache is None or cache.get_seq_length(self.first_layer) == 0:
             return "prefill"
-        return "cached" if cache in self._caches else "off"
+        if cache in self._caches:
+            return "cached"
+        if cache in _REDUCED_CACHES:
+            raise InputError(
+                "this KV cache was shortened by another tokenprune attachment (one since detached?): "
+                "continue it under that attachment, or start a new cache"
+            )
+        return "off"
 
     def _on_last_layer(self, module: nn.Module, args: tuple, output: Tensor):
         """Give the final norm and LM head a full-length sequence again (removed tokens: last state)."""
@@ -231,7 +242,7 @@ class Session:
         inner = left_aligned_index((valid & ~view.candidates) | keep)
         kept = compose(index, inner)
         state.current = _Shortened(kept, self._overrides(kept, kwargs, hidden.dtype))
-        state.events.append(_event(stage.layer, view, keep, kept))
+        state.events.append(_event(stage.layer, view, kept, state.layout.visual))
         self._remember(state, stage.layer, kept, state.restore.shape[1] - 1)
         return gather_tokens(hidden, inner, 1)
 
@@ -240,8 +251,10 @@ class Session:
         last_real = torch.zeros_like(valid).scatter_(1, _last_true(valid)[:, None], True)
         candidates = gather_tokens(layout.visual, index, 1) & valid & ~last_real
         segment = gather_tokens(layout.segment, index, 1).masked_fill(~candidates, -1)
-        frame = gather_tokens(layout.frame, index, 1).masked_fill(~candidates, -1)
-        budgets = self._budgets(state, stage, candidates, frame)
+        frame = gather_tokens(layout.frame, index, 1)
+        protected = gather_tokens(layout.visual, index, 1) & valid & ~candidates  # a visual last token
+        frame, protected_frame = frame.masked_fill(~candidates, -1), frame.masked_fill(~protected, -1)
+        budgets = self._budgets(state, stage, (candidates, frame), (protected, protected_frame))
         return TokenView(
             hidden=hidden,
             candidates=candidates,
@@ -257,26 +270,31 @@ class Session:
             frame_budget=budgets if self.config.budget == "per_frame" else None,
         )
 
-    def _budgets(self, state: _Pass, stage: Stage, candidates: Tensor, frame: Tensor) -> Tensor:
-        """[B, G] visual tokens to keep: one budget per sample (G = 1) or one per frame.
+    def _budgets(
+        self, state: _Pass, stage: Stage, candidates: tuple[Tensor, Tensor], protected: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """[B, G] candidates to keep: one budget per sample (G = 1) or one per frame.
 
         Counted from the group's original visual tokens (a schedule's ratios all refer to the input),
-        capped by the candidates still present.
+        less the visual tokens kept anyway (a visual last token), capped by the candidates present.
+        Each of `candidates` and `protected` is (mask [B, L], frame [B, L]).
         """
         layout = state.layout
-        original = layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, candidates.device)
-        if self.config.budget == "per_frame":
-            n_groups, groups_then, groups_now = max(layout.frames, 1), layout.frame, frame
-        else:
-            n_groups, groups_then, groups_now = 1, torch.zeros_like(layout.frame), torch.zeros_like(frame)
-        then = group_counts(original, groups_then, n_groups)
-        now = group_counts(candidates, groups_now, n_groups)
-        rows = torch.stack([then, now]).tolist()  # one host sync per stage
+        device = candidates[0].device
+        original = layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, device)
+        per_frame = self.config.budget == "per_frame"
+        n_groups = max(layout.frames, 1) if per_frame else 1
+
+        def counts(mask: Tensor, frame: Tensor) -> Tensor:
+            return group_counts(mask, frame if per_frame else torch.zeros_like(frame), n_groups)
+
+        then, fixed, now = counts(original, layout.frame), counts(*protected), counts(*candidates)
+        rows = torch.stack([then, fixed, now]).tolist()  # one host sync per stage
         budgets = [
-            [min(stage.kept_count(n), c) for n, c in zip(row_then, row_now, strict=True)]
-            for row_then, row_now in zip(*rows, strict=True)
+            [min(max(stage.kept_count(n) - f, 0), c) for n, f, c in zip(*sample, strict=True)]
+            for sample in zip(*rows, strict=True)
         ]
-        return torch.tensor(budgets, dtype=torch.long, device=candidates.device)
+        return torch.tensor(budgets, dtype=torch.long, device=device)
 
     def _signals(self, state: _Pass, layer: int, valid: Tensor) -> Signals:
         captured = state.probe_inputs.get(layer - 1)
@@ -303,6 +321,7 @@ class Session:
         record = self._caches.get(state.cache)
         if record is None or layer == self.first_layer:
             record = self._caches[state.cache] = _CacheRecord(original_length)
+            _REDUCED_CACHES.add(state.cache)
         record.stages.append((layer, kept >= 0))
 
     # -- forwards that continue a reduced cache (decode steps) -----------------------------------
@@ -361,10 +380,11 @@ def _check_selection(name: str, keep: Tensor, view: TokenView) -> None:
         )
 
 
-def _event(layer: int, view: TokenView, keep: Tensor, kept: Tensor) -> ReductionEvent:
-    counts = torch.stack(
-        [view.valid.sum(1), (kept >= 0).sum(1), view.candidates.sum(1), keep.sum(1)]
-    ).tolist()
+def _event(layer: int, view: TokenView, kept: Tensor, visual: Tensor) -> ReductionEvent:
+    """The trace entry of one stage: real and visual tokens before and after it, per sample."""
+    before = gather_tokens(visual, view.positions, 1) & view.valid
+    after = gather_tokens(visual, kept, 1) & (kept >= 0)
+    counts = torch.stack([view.valid.sum(1), (kept >= 0).sum(1), before.sum(1), after.sum(1)]).tolist()
     return ReductionEvent(layer, *counts, kept=kept)
 
 
