@@ -9,35 +9,20 @@ the prompt, several per sample; the i-th image of the batch fills the i-th run o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
-from transformers import PretrainedConfig
+from torch import Tensor
 
-from tokenprune.adapter import Adapter
+from tokenprune.adapter import ConditionalGenerationAdapter
 from tokenprune.errors import InputError
 from tokenprune.layout import Segment, VisualLayout, grid_coords, line_coords, placeholder_runs
 
 
-class LlavaAdapter(Adapter):
+class LlavaAdapter(ConditionalGenerationAdapter):
     """Adapter for LLaVA-1.5 style models (one fixed-size grid per image)."""
 
     name = "llava"
     model_types = ("llava",)
-
-    def _base(self) -> nn.Module:
-        """The `LlavaModel` (inside a `...ForConditionalGeneration`, or the model itself)."""
-        return getattr(self.model, "model", self.model)
-
-    def entry_module(self) -> nn.Module:
-        return self._base()
-
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return self._base().language_model.layers
-
-    def text_config(self) -> PretrainedConfig:
-        return self._base().language_model.config
 
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
         input_ids = inputs.get("input_ids")

@@ -67,5 +67,5 @@ class LlavaNextAdapter(LlavaAdapter):
     def _shape_from_features(self, features: Tensor) -> tuple[int, int]:
         """Pre-encoded images (as `generate` passes them): rows end with exact copies of `image_newline`."""
         high = features[self._base_count() :]
-        rows = int((high == self._base().image_newline.to(high)).all(dim=-1).sum())
+        rows = int((high == self.base_model().image_newline.to(high)).all(dim=-1).sum())
         return rows, high.shape[0] // max(rows, 1) - 1

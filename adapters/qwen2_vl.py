@@ -22,15 +22,14 @@ ids it computed with the grids: the grid of each item is then read from those po
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from transformers import PretrainedConfig
+from torch import Tensor
 
-from tokenprune.adapter import Adapter
+from tokenprune.adapter import ConditionalGenerationAdapter
 from tokenprune.errors import InputError
 from tokenprune.layout import Segment, VisualLayout, grid_coords, placeholder_runs
 
@@ -52,24 +51,11 @@ VIDEO = Modality("video", "pixel_values_videos", "video_grid_thw", "video_token_
 Shape = tuple[int, int, int]
 
 
-class Qwen2VLAdapter(Adapter):
+class Qwen2VLAdapter(ConditionalGenerationAdapter):
     """Adapter for Qwen2-VL and Qwen2.5-VL: images and videos, 3-D M-RoPE positions kept."""
 
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
-
-    def _base(self) -> nn.Module:
-        """The `Qwen2VLModel` (inside a `...ForConditionalGeneration`, or the model itself)."""
-        return getattr(self.model, "model", self.model)
-
-    def entry_module(self) -> nn.Module:
-        return self._base()
-
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return self._base().language_model.layers
-
-    def text_config(self) -> PretrainedConfig:
-        return self._base().language_model.config
 
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
         present = [m for m in (IMAGE, VIDEO) if _has_features(inputs, m)]
@@ -90,7 +76,7 @@ class Qwen2VLAdapter(Adapter):
         reference = inputs.get("input_ids")
         batch = (reference if reference is not None else inputs["inputs_embeds"]).shape[0]
         positions = positions.expand(batch, -1)
-        deltas = self._base().rope_deltas
+        deltas = self.base_model().rope_deltas
         if deltas is not None:
             positions = positions + deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(positions)
         return positions[None].expand(3, -1, -1)

@@ -65,3 +65,25 @@ class Adapter(ABC):
         another rank (Qwen2-VL's 3-D M-RoPE).
         """
         return positions
+
+
+class ConditionalGenerationAdapter(Adapter):
+    """The common case of transformers 5.x: `XForConditionalGeneration.model.language_model.layers`.
+
+    The base model (`XModel`, reached through `.model` or given directly) receives the input ids
+    and image inputs of every call and holds the language model: subclasses only describe where
+    the visual tokens are (`visual_layout`).
+    """
+
+    def base_model(self) -> nn.Module:
+        """The `XModel` inside a `...ForConditionalGeneration`, or the model itself."""
+        return getattr(self.model, "model", self.model)
+
+    def entry_module(self) -> nn.Module:
+        return self.base_model()
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return self.base_model().language_model.layers
+
+    def text_config(self) -> PretrainedConfig:
+        return self.base_model().language_model.config
