@@ -170,3 +170,16 @@ def assert_same_greedy(got: Tensor, expected: Tensor, logits: list[Tensor], tie:
                 f"sample {b} step {step}: {got[b].tolist()} != {expected[b].tolist()}"
             )
             break
+
+
+def greedy(model, inputs: dict[str, Tensor], steps: int) -> tuple[Tensor, list[Tensor]]:
+    """Greedy tokens [B, steps] and each step's logits, from `generate` with the KV cache."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[:, -steps:], list(out.logits)

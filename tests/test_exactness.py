@@ -19,6 +19,7 @@ from oracles import (
     Prompt,
     assert_same_greedy,
     generation_positions,
+    greedy,
     llava_inputs,
     oracle_greedy,
     oracle_logits,
@@ -109,19 +110,6 @@ def test_generate_multi_stage_matches_oracle(llava):
         trace = handle.trace
     expected, logits = oracle_greedy(llava, inputs, trace, 5)
     assert_same_greedy(out[:, -5:], expected, logits)
-
-
-def greedy(model, inputs, steps):
-    """Greedy tokens [B, steps] and the logits of each step, from `generate` with the KV cache."""
-    out = model.generate(
-        **inputs,
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences[:, -steps:], list(out.logits)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import assert_same_greedy
+from oracles import assert_same_greedy, greedy
 from qwen_inputs import Item, QwenPrompt, qwen_inputs, qwen_oracle_greedy, qwen_oracle_logits
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from transformers import DynamicCache
@@ -71,19 +71,6 @@ def timed(model, inputs: dict) -> dict:
     if model.config.model_type == "qwen2_5_vl" and "video_grid_thw" in inputs:
         inputs["second_per_grid_ts"] = torch.full((len(inputs["video_grid_thw"]),), 1.5)
     return inputs
-
-
-def greedy(model, inputs: dict, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Greedy tokens [B, steps] and each step's logits, from `generate` with the KV cache."""
-    out = model.generate(
-        **inputs,
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences[:, -steps:], list(out.logits)
 
 
 def layer_inputs(model, layers: list[int]):
