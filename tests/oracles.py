@@ -173,11 +173,14 @@ def assert_same_greedy(got: Tensor, expected: Tensor, logits: list[Tensor], tie:
 
 
 def greedy(model, inputs: dict[str, Tensor], steps: int) -> tuple[Tensor, list[Tensor]]:
-    """Greedy tokens [B, steps] and each step's logits, from `generate` with the KV cache."""
+    """Greedy tokens [B, steps] and each step's logits, from `generate` with the KV cache.
+
+    End-of-sequence is not special (`eos_token_id=None`), as in the oracle's greedy loop.
+    """
     out = model.generate(
         **inputs,
         max_new_tokens=steps,
-        min_new_tokens=steps,
+        eos_token_id=None,
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,

@@ -25,6 +25,9 @@ from oracles import (
     oracle_greedy,
     oracle_logits,
 )
+from oracles import (
+    greedy as greedy_with_logits,
+)
 from test_docs_examples import marked_blocks
 from tokenprune.adapters.video_llava import VideoLlavaAdapter
 from tokenprune.strategies.uniform import lattice
@@ -107,23 +110,7 @@ def run(model, inputs):
 
 def greedy(model, inputs, steps: int) -> torch.Tensor:
     """Greedy tokens [B, steps] from `generate` with the KV cache."""
-    return greedy_and_logits(model, inputs, steps)[0]
-
-
-def greedy_and_logits(model, inputs, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Greedy tokens [B, steps] and the logits of each step, from `generate` with the KV cache.
-
-    End-of-sequence is not special (`eos_token_id=None`), as in the oracle's greedy loop.
-    """
-    out = model.generate(
-        **inputs,
-        max_new_tokens=steps,
-        eos_token_id=None,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences[:, -steps:], list(out.logits)
+    return greedy_with_logits(model, inputs, steps)[0]
 
 
 def encoded(model, inputs) -> dict[str, torch.Tensor]:
@@ -362,7 +349,7 @@ def test_batch_equals_each_sample_alone(video_llava, strategy, batch, layer, rat
         kept_together = kept_rows(handle.trace)
         for b, prompt in enumerate(batch):
             alone_inputs = media_inputs([prompt], frames=2, seed=b)
-            alone, logits = greedy_and_logits(video_llava, alone_inputs, 4)
+            alone, logits = greedy_with_logits(video_llava, alone_inputs, 4)
             assert [p - int(pad[b]) for p in kept_together[b]] == kept_rows(handle.trace)[0]
             assert_same_greedy(together[b : b + 1], alone, logits)
 
