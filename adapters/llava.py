@@ -16,6 +16,7 @@ from torch import Tensor
 from tokenprune.adapter import ConditionalGenerationAdapter
 from tokenprune.errors import InputError
 from tokenprune.layout import Segment, VisualLayout, grid_coords, line_coords, placeholder_runs
+from tokenprune.vision import VisionTower
 
 
 class LlavaAdapter(ConditionalGenerationAdapter):
@@ -64,6 +65,19 @@ class LlavaAdapter(ConditionalGenerationAdapter):
         if side * side == n:
             return [Segment(sample, positions, grid_coords(side, side), (1, side, side))]
         return [Segment(sample, positions, *line_coords(n))]
+
+    def vision_tower(self) -> VisionTower | None:
+        """The CLIP encoder up to `vision_feature_layer` (one int layer, class token dropped: "default")."""
+        config = self.model.config
+        feature = config.vision_feature_layer
+        if config.vision_feature_select_strategy != "default" or not isinstance(feature, int) or feature == 0:
+            return None
+        tower = self.base_model().vision_tower
+        layers = tower.encoder.layers
+        # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k - 1
+        feature_layer = len(layers) + feature if feature < 0 else feature - 1
+        side = self.patch_side()
+        return VisionTower(layers, feature_layer, 1, (side, side), self.base_model().multi_modal_projector)
 
     def patch_side(self) -> int:
         """Patches per side of one vision-tower input."""

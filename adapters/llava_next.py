@@ -17,6 +17,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from tokenprune.errors import InputError
 from tokenprune.layout import Segment, grid_coords
+from tokenprune.vision import VisionTower
 
 from .llava import LlavaAdapter
 
@@ -25,7 +26,15 @@ class LlavaNextAdapter(LlavaAdapter):
     """Adapter for LLaVA-NeXT (LLaVA-1.6) models."""
 
     name = "llava_next"
+    no_vision_tower = (
+        "anyres tiles are unpadded and joined by newline tokens after the projector, "
+        "so a per-patch vision site does not map onto its placeholders yet"
+    )
     model_types = ("llava_next",)
+
+    def vision_tower(self) -> VisionTower | None:
+        """None: see `no_vision_tower`."""
+        return None
 
     def tokens_per_image(self, inputs: dict[str, Any], placeholders: Tensor) -> list[int]:
         return [self._base_count() + rows * (cols + 1) for rows, cols in self._high_res_shapes(inputs)]

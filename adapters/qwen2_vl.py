@@ -55,6 +55,10 @@ class Qwen2VLAdapter(ConditionalGenerationAdapter):
     """Adapter for Qwen2-VL and Qwen2.5-VL: images and videos, 3-D M-RoPE positions kept."""
 
     name = "qwen2_vl"
+    no_vision_tower = (
+        "Qwen2-VL's vision encoder has no class token (the query of VisionZip's and FasterVLM's "
+        "attention) and merges each 2 x 2 group of patches before the language model"
+    )
     model_types = ("qwen2_vl", "qwen2_5_vl")
 
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:

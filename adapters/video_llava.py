@@ -31,6 +31,7 @@ from torch import Tensor
 
 from tokenprune.errors import InputError
 from tokenprune.layout import Segment, VisualLayout, grid_coords, placeholder_runs
+from tokenprune.vision import VisionTower
 
 from .llava import LlavaAdapter
 
@@ -39,7 +40,15 @@ class VideoLlavaAdapter(LlavaAdapter):
     """Adapter for Video-LLaVA models: one patch volume and one class-token column per video."""
 
     name = "video_llava"
+    no_vision_tower = (
+        "images and videos go through two towers whose features are joined per frame, "
+        "so a per-patch vision site does not map onto its placeholders yet"
+    )
     model_types = ("video_llava",)
+
+    def vision_tower(self) -> VisionTower | None:
+        """None: see `no_vision_tower`."""
+        return None
 
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
         inputs = _renamed_image_pixels(inputs)

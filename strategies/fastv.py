@@ -15,17 +15,21 @@ from torch import Tensor
 
 from tokenprune.reducer import ScoreReducer, TokenView
 
+DEFAULT_QUERY = {"language": "last", "vision": "class"}
+
 
 class FastVParams(BaseModel):
-    """`score`: which query rows rank the tokens.
+    """`score`: which query rows rank the tokens; None (default): `last` in a language model,
+    `class` in a vision encoder.
 
-    - `last` (default): the last token's row, as the reference code (`attn[-1]`).
+    - `last`: the last token's row, as the reference code (`attn[-1]`).
     - `mean`: the mean over all query rows, as the paper's text ("attention received from all tokens").
+    - `class`: the class token's row, in a vision encoder (the ViT analogue of FastV).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    score: Literal["last", "mean"] = Field("last", description="query rows that rank the visual tokens")
+    score: Literal["last", "mean", "class"] | None = Field(None, description="query rows ranking the tokens")
 
 
 class FastV(ScoreReducer):
@@ -35,4 +39,4 @@ class FastV(ScoreReducer):
     requires: ClassVar[frozenset[str]] = frozenset({"attention"})
 
     def score(self, view: TokenView) -> Tensor:
-        return view.signals.attention(self.params.score)
+        return view.signals.attention(self.params.score or DEFAULT_QUERY[view.site])

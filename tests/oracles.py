@@ -186,3 +186,27 @@ def greedy(model, inputs: dict[str, Tensor], steps: int) -> tuple[Tensor, list[T
         return_dict_in_generate=True,
     )
     return out.sequences[:, -steps:], list(out.logits)
+
+
+@torch.no_grad()
+def recomputed_greedy(model, inputs: dict[str, Tensor], steps: int) -> Tensor:
+    """Greedy tokens [B, steps] recomputing the whole sequence at every step, without a cache.
+
+    Run under an attachment, each step reduces the full sequence again: the oracle of decode steps
+    on a reduced cache for strategies whose choice does not depend on the tokens generated later.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(steps):
+        step = {**inputs, "input_ids": ids, "attention_mask": mask}
+        last = model(**step, position_ids=generation_positions(mask), use_cache=False).logits[:, -1]
+        last[:, list(model.generation_config.suppress_tokens or [])] = float("-inf")
+        ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids[:, -steps:]
+
+
+def assert_kept_logits_match(logits: Tensor, expected: Tensor, kept: Tensor, tol: float = 1e-4) -> None:
+    """The logits at every kept position (`kept` [B, L'], -1 filler) match within `tol` (max abs diff)."""
+    for b, row in enumerate(kept):
+        row = row[row >= 0]
+        assert (logits[b, row] - expected[b, row]).abs().max() <= tol

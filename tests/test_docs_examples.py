@@ -17,6 +17,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 GUIDES = [
     "writing-a-strategy.md",
     "writing-an-adapter.md",
+    "merging.md",
     *sorted(f"adapters/{p.name}" for p in (DOCS / "adapters").glob("*.md")),
 ]
 MARKER = "<!-- tested -->"

@@ -33,7 +33,8 @@ from tokenprune.errors import (
     UnknownNameError,
 )
 from tokenprune.layout import Segment, VisualLayout
-from tokenprune.reducer import NoParams, Reducer, ScoreReducer, Signals, SignalUnavailable, TokenView
+from tokenprune.reducer import Merge, NoParams, Reducer, ScoreReducer, Signals, SignalUnavailable, TokenView
+from tokenprune.schedule import removals_per_layer, schedule_stages
 from tokenprune.session import ReductionEvent
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "ConfigError",
     "Handle",
     "InputError",
+    "Merge",
     "NoParams",
     "PluginError",
     "Reducer",
@@ -65,6 +67,8 @@ __all__ = [
     "load_config",
     "register_adapter",
     "register_strategy",
+    "removals_per_layer",
+    "schedule_stages",
     "strategies",
     "strategy_class",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 from transformers import PretrainedConfig
@@ -17,9 +17,18 @@ from transformers import PretrainedConfig
 from tokenprune.layout import VisualLayout
 from tokenprune.probe import ProjectionProbe
 
+if TYPE_CHECKING:
+    from tokenprune.config import ReductionConfig
+    from tokenprune.reducer import Reducer
+    from tokenprune.vision import VisionTower
 
-class Adapter(ABC):
-    """Base class of model adapters; registered under `name`, chosen for `model_types` automatically."""
+
+class BaseAdapter(ABC):
+    """Root of every adapter: registered under `name`, chosen for `model_types` automatically.
+
+    `Adapter` describes a vision-language model (reductions inside its language model);
+    `tokenprune.encoder.EncoderAdapter` a vision transformer (reductions inside its blocks).
+    """
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -31,6 +40,19 @@ class Adapter(ABC):
     def supports(cls, model: nn.Module) -> bool:
         """Whether this adapter handles `model` (by its config's `model_type`)."""
         return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+
+    @abstractmethod
+    def session(self, config: ReductionConfig, reducer: Reducer) -> Any:
+        """The core mechanics that drive this kind of model (refusing configs it cannot run)."""
+
+
+class Adapter(BaseAdapter):
+    """Base class of vision-language model adapters: the language model's layers and visual tokens."""
+
+    def session(self, config: ReductionConfig, reducer: Reducer) -> Any:
+        from tokenprune.session import Session
+
+        return Session(self.model, self, config, reducer)
 
     @abstractmethod
     def entry_module(self) -> nn.Module:
@@ -55,6 +77,23 @@ class Adapter(ABC):
     def probe(self, layer: int) -> ProjectionProbe:
         """What recomputes attention scores at `layer` (override for non-Llama-style attention)."""
         return ProjectionProbe(self.attention_module(layer))
+
+    def input_norm(self, layer: int) -> nn.Module:
+        """The norm decoder layer `layer` applies to its input before attention (pre-norm layout)."""
+        return self.decoder_layers()[layer].input_layernorm
+
+    def final_norm(self) -> nn.Module | None:
+        """The language model's norm after its last layer, before the LM head; None where unknown.
+
+        Without it the `normed_output` signal is unavailable.
+        """
+        return None
+
+    no_vision_tower: ClassVar[str] = "it does not describe its vision encoder"  # why vision_tower() is None
+
+    def vision_tower(self) -> VisionTower | None:
+        """The vision encoder that `site: vision` stages reduce, or None (saying why in `no_vision_tower`)."""
+        return None
 
     def continued_position_ids(self, positions: Tensor, inputs: dict[str, Any]) -> Tensor:
         """Position ids of new tokens at sequence `positions` [1, q] after a prompt reduced at layer 0.
@@ -87,3 +126,6 @@ class ConditionalGenerationAdapter(Adapter):
 
     def text_config(self) -> PretrainedConfig:
         return self.base_model().language_model.config
+
+    def final_norm(self) -> nn.Module | None:
+        return self.base_model().language_model.norm

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from tokenprune.adapter import Adapter
+from tokenprune.adapter import Adapter, BaseAdapter
 from tokenprune.errors import AttachError, ConfigError, PluginError
 from tokenprune.reducer import Reducer
 from tokenprune.registry import Registry
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from tokenprune.session import ReductionEvent, Session
 
 STRATEGIES: Registry[Reducer] = Registry("strategy", "tokenprune.strategies", Reducer)
-ADAPTERS: Registry[Adapter] = Registry("adapter", "tokenprune.adapters", Adapter)
+ADAPTERS: Registry[BaseAdapter] = Registry("adapter", "tokenprune.adapters", BaseAdapter)
 
 register_strategy = STRATEGIES.register
 register_adapter = ADAPTERS.register
@@ -41,7 +41,7 @@ def strategy_class(name: str) -> type[Reducer]:
     return STRATEGIES.get(name)
 
 
-def adapter_for(model: nn.Module, name: str | None = None) -> Adapter:
+def adapter_for(model: nn.Module, name: str | None = None) -> BaseAdapter:
     """The adapter named `name`, or the one whose `model_types` include the model's type."""
     if name is not None:
         return ADAPTERS.get(name)(model)
@@ -72,7 +72,7 @@ class Handle:
         return self._live().trace
 
     @property
-    def adapter(self) -> Adapter:
+    def adapter(self) -> BaseAdapter:
         return self._live().adapter
 
     @property
@@ -113,14 +113,13 @@ class Handle:
 
 def attach(model: nn.Module, config: ReductionConfig, adapter: str | None = None) -> Handle:
     """Attach the reduction `config` to `model` through hooks; the model's weights are untouched."""
-    from tokenprune.session import Session
-
     if model in _attached:
         raise AttachError("this model already has a reduction attached: detach it first (handle.detach())")
     chosen = adapter_for(model, adapter)
     reducer_cls = strategy_class(config.strategy)
-    _check_sites(chosen, config, reducer_cls)
-    session = Session(model, chosen, config, reducer_cls(reducer_cls.Params.model_validate(config.params)))
+    if isinstance(chosen, Adapter):
+        _check_sites(chosen, config, reducer_cls)
+    session = chosen.session(config, reducer_cls(reducer_cls.Params.model_validate(config.params)))
     session.install()
     handle = Handle(session)
     _attached[model] = handle
@@ -128,17 +127,28 @@ def attach(model: nn.Module, config: ReductionConfig, adapter: str | None = None
 
 
 def _check_sites(adapter: Adapter, config: ReductionConfig, reducer_cls: type[Reducer]) -> None:
+    from tokenprune.probe import unavailable_at
+
+    if not config.stages:
+        raise ConfigError(
+            f"strategy {config.strategy!r} has a per-block schedule of its own (e.g. ToMe's `r`), which "
+            "applies to vision transformers; in a language model give `layer` and `ratio` or `keep`"
+        )
     n_layers = len(adapter.decoder_layers())
     for stage in config.stages:
+        if stage.site != "language":  # vision towers check their own stages
+            continue
         if stage.layer >= n_layers:
             raise ConfigError(
                 f"layer {stage.layer} is past the last decoder layer: "
                 f"the model has {n_layers} (0..{n_layers - 1})"
             )
-        if stage.layer == 0 and "attention" in reducer_cls.requires:
+        missing = unavailable_at(stage.layer, reducer_cls.requires)
+        if missing:
             raise ConfigError(
-                f"strategy {config.strategy!r} ranks tokens by attention, which needs a layer before the "
-                "site: use layer >= 1 (layer 0 is before the language model)"
+                f"strategy {config.strategy!r} needs the signals {', '.join(sorted(missing))} of the layer "
+                f"before its site, which layer {stage.layer} does not have: use layer >= 1 "
+                "(layer 0 is before the language model)"
             )
     text = adapter.text_config()
     sliding = "sliding_attention" in (getattr(text, "layer_types", None) or []) or (

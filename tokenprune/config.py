@@ -28,6 +28,11 @@ class Stage(BaseModel):
     layer: int = Field(DEFAULT_LAYER, ge=0, description="K: the stage reduces the input of decoder layer K")
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of visual tokens removed")
     keep: int | None = Field(None, ge=0, description="visual tokens kept per sample")
+    site: Literal["language", "vision"] = Field(
+        "language",
+        description="where `layer` counts: the language model's decoder layers (the stage reduces the "
+        "input of layer K), or the vision encoder's (it reduces the output of layer K, per image)",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> Self:
@@ -50,7 +55,8 @@ class ReductionConfig(BaseModel):
 
     The one-stage shorthand `ReductionConfig(strategy="fastv", layer=2, ratio=0.5)` is the same as
     `stages=[{"layer": 2, "ratio": 0.5}]`. Stages run in increasing layer order, each one seeing
-    the tokens the previous one kept (PyramidDrop-style schedules).
+    the tokens the previous one kept (PyramidDrop-style schedules). A strategy with a schedule of
+    its own (ToMe's `r` on a ViT) needs no budget: `ReductionConfig(strategy="tome", params={"r": 8})`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -66,6 +72,11 @@ class ReductionConfig(BaseModel):
         "each video frame, image or sub-grid keeps its own share",
     )
     params: dict[str, Any] = Field(default_factory=dict)
+    token_order: Literal["reference", "spatial"] = Field(
+        "reference",
+        description="ViT sites, where order is free: survivors in the strategy's order (ToMe's reference "
+        "order) or by original position; language models always keep sequence order",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -79,15 +90,15 @@ class ReductionConfig(BaseModel):
             )
         if short:
             return {**data, "stages": [short]}
-        if not data.get("stages"):
-            raise ValueError("give a budget: `ratio` (fraction of visual tokens removed) or `keep`")
         return data
 
     @field_validator("stages")
     @classmethod
     def _increasing(cls, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
         for before, after in itertools.pairwise(stages):
-            if after.layer <= before.layer:
+            if (before.site, after.site) == ("language", "vision"):
+                raise ValueError("`site: vision` stages come before the language model's stages")
+            if after.site == before.site and after.layer <= before.layer:
                 raise ValueError(f"stage layers must increase: {before.layer} then {after.layer}")
             if before.ratio is not None and after.ratio is not None and after.ratio < before.ratio:
                 raise ValueError(f"stage ratios cannot decrease: {before.ratio} then {after.ratio}")
@@ -97,18 +108,25 @@ class ReductionConfig(BaseModel):
     def _fill_shorthand_and_params(self) -> Self:
         from tokenprune.api import strategy_class  # the registry imports plug-ins: keep config import light
 
-        if not self.stages:  # the strategy itself was invalid: its error is already reported
-            return self
-        first = self.stages[0]
-        object.__setattr__(self, "layer", first.layer)
-        object.__setattr__(self, "ratio", first.ratio)
-        object.__setattr__(self, "keep", first.keep)
         reducer = strategy_class(self.strategy)
         try:
             params = reducer.Params.model_validate(self.params)
         except ValidationError as exc:
             raise ValueError(f"params of strategy {self.strategy!r}: {_short(exc)}") from None
         object.__setattr__(self, "params", params.model_dump())
+        own_schedule = reducer(params).removals(1) is not None
+        if own_schedule and self.stages:
+            raise ValueError(
+                f"give either the params' own schedule of {self.strategy!r} (e.g. `r`) or a budget "
+                "(`ratio`/`keep`/`stages`), not both"
+            )
+        if not self.stages and not own_schedule:
+            raise ValueError("give a budget: `ratio` (fraction of visual tokens removed) or `keep`")
+        if self.stages:
+            first = self.stages[0]
+            object.__setattr__(self, "layer", first.layer)
+            object.__setattr__(self, "ratio", first.ratio)
+            object.__setattr__(self, "keep", first.keep)
         return self
 
     @field_validator("strategy")

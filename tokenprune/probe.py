@@ -1,9 +1,12 @@
-"""Attention scores recomputed from one attention module's own projections, for the rows needed.
+"""Signals recomputed from one attention module's own projections, for the rows needed.
 
 FastV's reference asks the model for full attention maps, which forces eager attention. Here the
 layer runs on its own backend (SDPA, FlashAttention...) while hooks keep references to what it
 computes anyway (its input, rotary tables and key projection); when a strategy asks, the probe
 projects queries for the rows needed only and never builds a [B, H, N, N] matrix.
+
+The same probe serves a layer that has not run yet (PyramidDrop ranks with the projections of the
+layer whose input the site produces): `project` gives it the inputs that layer would see.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +23,14 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.sequence import gather_tokens
 
 QUERY_CHUNK = 256
+
+# Signals read from the attention layer before the site: a site before layer 0 cannot offer them.
+LAYER_BEFORE_SIGNALS = frozenset({"attention", "keys"})
+
+
+def unavailable_at(layer: int, requires: frozenset[str]) -> frozenset[str]:
+    """The signals of `requires` that a site before decoder layer `layer` cannot provide."""
+    return requires & LAYER_BEFORE_SIGNALS if layer == 0 else frozenset()
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,7 @@ class AttentionInputs:
 
 
 class ProjectionProbe:
-    """Head-averaged attention of a q_proj/k_proj attention module (Llama, Mistral, Qwen2 style)."""
+    """Attention rows and keys of a q_proj/k_proj attention module (Llama, Mistral, Qwen2 style)."""
 
     def __init__(self, attention: nn.Module) -> None:
         self.attention = attention
@@ -57,46 +68,79 @@ class ProjectionProbe:
         ]
 
     @torch.no_grad()
-    def received(self, inputs: AttentionInputs, valid: Tensor, query: str) -> Tensor:
+    def project(self, normed: Tensor, rotary: tuple[Tensor, Tensor]) -> AttentionInputs:
+        """What the module would see for normed hidden states [B, N, D]: its key projection computed."""
+        return AttentionInputs(normed, rotary, self.attention.k_proj(normed))
+
+    @torch.no_grad()
+    def received(
+        self,
+        inputs: AttentionInputs,
+        valid: Tensor,
+        query: str,
+        rope: bool = True,
+        keys_allowed: Tensor | None = None,
+    ) -> Tensor:
         """[B, L] attention each token receives, averaged over heads and over the chosen query rows.
 
         `valid` [B, L] marks real tokens: padding and filler are neither queries nor keys.
         `query="last"`: the last real token's row; `"mean"`: the mean over every real token's row.
+        `rope=False`: queries and keys without the rotary embedding (no distance decay, FEATHER).
+        `keys_allowed` [B, L] bool: the softmax runs over these keys only (others receive 0).
         """
+        if query not in ("last", "mean"):
+            raise ValueError(f"signal option query={query!r}: expected 'last' or 'mean' at a decoder layer")
         batch, length, _ = inputs.hidden.shape
-        keys = self._rotated_keys(inputs)
+        keys = self._key_states(inputs, rope)
+        allowed = valid if keys_allowed is None else valid & keys_allowed
         if query == "last":
             last = length - 1 - valid.flip(1).to(torch.int8).argmax(dim=1)
-            return self._rows(inputs, keys, last[:, None], valid).squeeze(1)
+            return self._rows(inputs, keys, last[:, None], allowed, rope).squeeze(1)
         total = torch.zeros(batch, length, dtype=torch.float32, device=keys.device)
         for start in range(0, length, QUERY_CHUNK):
             rows = torch.arange(start, min(start + QUERY_CHUNK, length), device=keys.device).expand(batch, -1)
-            probs = self._rows(inputs, keys, rows, valid)
+            probs = self._rows(inputs, keys, rows, allowed, rope)
             total += (probs * valid.gather(1, rows)[..., None]).sum(dim=1)
         return total / valid.sum(dim=1, keepdim=True).clamp(min=1)
 
-    def _rotated_keys(self, inputs: AttentionInputs) -> Tensor:
-        """[B, Hkv, N, d] keys after the module's rotary embedding, in float32."""
+    @torch.no_grad()
+    def keys(self, inputs: AttentionInputs, rope: bool, heads: Literal["mean", "concat"]) -> Tensor:
+        """Float32 keys per token: [B, N, Hkv*d] heads concatenated, or [B, N, d] averaged over heads.
+
+        `rope=True`: after the rotary embedding, as the layer attends with them and caches them.
+        """
+        if heads not in ("mean", "concat"):
+            raise ValueError(f"signal option heads={heads!r}: expected 'mean' or 'concat'")
+        keys = self._key_states(inputs, rope).transpose(1, 2)  # [B, N, Hkv, d]
+        return keys.flatten(2) if heads == "concat" else keys.mean(dim=2)
+
+    def _key_states(self, inputs: AttentionInputs, rope: bool) -> Tensor:
+        """[B, Hkv, N, d] keys, after the module's rotary embedding unless `rope=False`, in float32."""
         batch, length = inputs.hidden.shape[:2]
         keys = inputs.keys.view(batch, length, -1, self.attention.head_dim).transpose(1, 2)
-        keys, _ = self.rotary(keys, keys, *inputs.rotary)
+        if rope:
+            keys, _ = self.rotary(keys, keys, *inputs.rotary)
         return keys.float()
 
-    def _rows(self, inputs: AttentionInputs, keys: Tensor, rows: Tensor, valid: Tensor) -> Tensor:
+    def _rows(
+        self, inputs: AttentionInputs, keys: Tensor, rows: Tensor, allowed: Tensor, rope: bool
+    ) -> Tensor:
         """[B, r, L] softmax attention of query rows `rows` [B, r], averaged over heads, in float32.
 
-        Query heads are grouped over their shared key head (GQA) instead of repeating the keys.
+        Keys are those `allowed` [B, L] at or before each row (causal). Query heads are grouped over
+        their shared key head (GQA) instead of repeating the keys.
         """
         attn = self.attention
         batch, n_rows = rows.shape
-        cos, sin = inputs.rotary
         queries = attn.q_proj(gather_tokens(inputs.hidden, rows, 1))
         queries = queries.view(batch, n_rows, -1, attn.head_dim).transpose(1, 2)
-        queries, _ = self.rotary(queries, queries, gather_tokens(cos, rows, 1), gather_tokens(sin, rows, 1))
+        if rope:
+            cos, sin = (gather_tokens(t, rows, 1) for t in inputs.rotary)
+            queries, _ = self.rotary(queries, queries, cos, sin)
         kv_heads, dim = keys.shape[1], keys.shape[-1]
         grouped = queries.float().reshape(batch, kv_heads, -1, n_rows, dim).flatten(2, 3)
         logits = (grouped @ keys.transpose(-1, -2)).view(batch, -1, n_rows, keys.shape[2]) * attn.scaling
         key_index = torch.arange(keys.shape[2], device=keys.device)
-        allowed = valid[:, None, :] & (key_index[None, None, :] <= rows[:, :, None])
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        causal = allowed[:, None, :] & (key_index[None, None, :] <= rows[:, :, None])
+        logits = logits.masked_fill(~causal[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)

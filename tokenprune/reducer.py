@@ -8,9 +8,9 @@ may ask `view.signals` for model-derived signals, computed by the core only when
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -18,7 +18,8 @@ from torch import Tensor
 
 from tokenprune.errors import TokenPruneError
 
-QueryRows = Literal["last", "mean"]
+QueryRows = Literal["last", "mean", "class"]
+Site = Literal["language", "vision"]
 
 
 class SignalUnavailable(TokenPruneError):
@@ -32,24 +33,39 @@ class NoParams(BaseModel):
 
 
 class Signals:
-    """Model-derived signals for one site, computed lazily and at most once per forward.
+    """Model-derived signals for one site, computed lazily and at most once per forward and options.
 
-    `attention(query)`: [B, L] float32 head-averaged attention each token of the current sequence
-    receives at the layer before the site, from the last real query token (`"last"`, FastV's
-    reference code) or averaged over all real query tokens (`"mean"`, FastV's paper text).
+    A site offers named providers; a strategy asks `get(name, **options)` or a named shortcut:
+    - `attention(query)`: [B, L] float32 head-averaged attention each token of the current sequence
+      receives, from the last real query token (`"last"`, FastV's reference code), averaged over all
+      real query tokens (`"mean"`, FastV's paper text) or from the class token (`"class"`, ViT sites).
+    - `keys()`: [B, L, d] float32 keys of the site's attention layer averaged over heads (ToMe's metric).
     """
 
-    def __init__(self, attention: Callable[[QueryRows], Tensor] | None = None) -> None:
-        self._attention = attention
-        self._cache: dict[tuple[str, str], Tensor] = {}
+    def __init__(self, providers: Mapping[str, Callable[..., Tensor]] | None = None) -> None:
+        self._providers = dict(providers or {})
+        self._cache: dict[tuple[str, tuple[tuple[str, Any], ...]], Tensor] = {}
+
+    @property
+    def available(self) -> frozenset[str]:
+        """The names of the signals this site can compute."""
+        return frozenset(self._providers)
+
+    def get(self, name: str, **options: Any) -> Tensor:
+        """Signal `name` computed with `options` (once per forward; later calls reuse it)."""
+        if name not in self._providers:
+            offered = ", ".join(sorted(self._providers)) or "none"
+            raise SignalUnavailable(f"signal {name!r} is not available at this site (available: {offered})")
+        key = (name, tuple(sorted(options.items())))
+        if key not in self._cache:
+            self._cache[key] = self._providers[name](**options)
+        return self._cache[key]
 
     def attention(self, query: QueryRows = "last") -> Tensor:
-        if self._attention is None:
-            raise SignalUnavailable("attention scores need a decoder layer before the site (layer >= 1)")
-        key = ("attention", query)
-        if key not in self._cache:
-            self._cache[key] = self._attention(query)
-        return self._cache[key]
+        return self.get("attention", query=query)
+
+    def keys(self) -> Tensor:
+        return self.get("keys")
 
 
 @dataclass
@@ -69,6 +85,9 @@ class TokenView:
                 so a video frame, an image, a sub-grid; -1 otherwise
     - frame_budget [B, F] long or None  with `budget: per_frame`, how many to keep in each frame
                 (`budget` is then their sum per sample)
+    - sizes     [B, L] float or None  original tokens each token stands for after earlier merges
+                (None: all 1; read it through `token_sizes()`)
+    - site      "language" (a decoder layer's input) or "vision" (a vision encoder's tokens)
     """
 
     hidden: Tensor
@@ -83,6 +102,14 @@ class TokenView:
     signals: Signals = field(default_factory=Signals)
     frame: Tensor | None = None
     frame_budget: Tensor | None = None
+    sizes: Tensor | None = None
+    site: Site = "language"
+
+    def token_sizes(self) -> Tensor:
+        """[B, L] float32: how many original tokens each token stands for (1 until something merges)."""
+        if self.sizes is None:
+            return torch.ones(self.candidates.shape, dtype=torch.float32, device=self.candidates.device)
+        return self.sizes
 
     def quota(self) -> tuple[Tensor, Tensor | None]:
         """(budgets, groups) for `top_k_mask`: per sample, or per frame with `budget: per_frame`."""
@@ -91,23 +118,55 @@ class TokenView:
         return self.frame_budget, self.frame
 
 
+@dataclass
+class Merge:
+    """A selection that merges instead of only dropping.
+
+    - keep  [B, L] bool  the candidates that survive, exactly the budget (as `Reducer.select`)
+    - into  [B, L] long  for a candidate that does not survive, the slot of the kept candidate it
+            merges into (many may join one); -1 for a token dropped outright or kept
+    - rank  [B, L] long or None  where token order is free (a ViT), survivors are laid out by
+            increasing rank, ties by slot; sequence order is kept where it carries meaning
+    - proportional_attention  add log(size) to each merged key's attention logits later on
+
+    The core does the rest once for every merging strategy: size-weighted averages, sizes carried
+    through later stages, proportional attention masks and source tracking.
+    """
+
+    keep: Tensor
+    into: Tensor
+    rank: Tensor | None = None
+    proportional_attention: bool = True
+
+
 class Reducer(ABC):
     """Base class of every strategy: fill in `select`.
 
     Class attributes: `Params`, the pydantic model of the strategy's parameters (validated from
     the config's `params`); `requires`, the signals it asks for (a site that cannot provide them
-    is refused when attaching).
+    is refused when attaching); `merges`, whether it returns `Merge` results; `sites`, where it
+    acts: `"language"` (a language model's decoder layers) and/or `"vision"` (a vision encoder: a
+    ViT's blocks, a VLM's vision tower).
     """
 
     Params: ClassVar[type[BaseModel]] = NoParams
     requires: ClassVar[frozenset[str]] = frozenset()
+    merges: ClassVar[bool] = False  # select may return a Merge: removed tokens live on in survivors
+    sites: ClassVar[frozenset[Site]] = frozenset({"language", "vision"})  # where the method can act
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params = params if params is not None else self.Params()
 
     @abstractmethod
-    def select(self, view: TokenView) -> Tensor:
-        """Bool [B, L]: the candidates to keep, exactly `view.budget[b]` of them in row b."""
+    def select(self, view: TokenView) -> Tensor | Merge:
+        """Bool [B, L]: the candidates to keep, exactly `view.budget[b]` of them in row b (or a `Merge`)."""
+
+    def removals(self, n_layers: int) -> list[int] | None:
+        """Tokens to remove in each of `n_layers` blocks when the config gives no budget (ToMe's r).
+
+        None (the default): the strategy has no schedule of its own and needs `ratio`/`keep`/`stages`.
+        """
+        return None
 
 
 class ScoreReducer(Reducer):

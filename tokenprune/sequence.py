@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
+from tokenprune.errors import StrategyError
+
 FILLER = -1
 
 
@@ -58,17 +60,21 @@ def scatter_tokens(full: Tensor, index: Tensor, tokens: Tensor) -> Tensor:
     return full.scatter(1, slot[..., None].expand(-1, -1, full.shape[-1]), tokens.to(full.dtype))
 
 
-def build_causal_mask(config, key_valid: Tensor, q_length: int, dtype: torch.dtype):
+def build_causal_mask(
+    config, key_valid: Tensor, q_length: int, dtype: torch.dtype, key_bias: Tensor | None = None
+):
     """The attention mask, in the format of `config`'s attention backend, for a shortened layer.
 
     `key_valid` [B, kv] says which key slots are real; queries are the last `q_length` slots;
     a query attends to real keys at or before it in (shortened) sequence order. The backend's
     own mask function builds it, so eager gets an additive float mask, SDPA a boolean one (or
     None for a plain causal pattern, keeping the fused kernel), FlashAttention a padding mask.
+    `key_bias` [B, kv] (proportional attention: log of merged sizes) makes it an additive float
+    mask with the bias added to every query's logit of each key; SDPA stays fused.
     """
     batch, kv_length = key_valid.shape
     interface = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
-    return interface(
+    mask = interface(
         batch_size=batch,
         q_length=q_length,
         kv_length=kv_length,
@@ -76,9 +82,23 @@ def build_causal_mask(config, key_valid: Tensor, q_length: int, dtype: torch.dty
         kv_offset=0,
         mask_function=causal_mask_function,
         attention_mask=key_valid,
-        allow_is_causal_skip=True,
+        allow_is_causal_skip=key_bias is None,
         dtype=dtype,
         config=config,
         use_vmap=False,
         device=key_valid.device,
     )
+    return mask if key_bias is None else _with_key_bias(mask, key_bias, dtype, config._attn_implementation)
+
+
+def _with_key_bias(mask: Tensor | None, key_bias: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
+    """An additive float mask [B, 1, q, kv]: `mask`'s exclusions plus `key_bias` on every query row."""
+    if mask is None or mask.ndim != 4:
+        raise StrategyError(
+            f"proportional attention adds log(size) to attention logits, which needs a 4-D mask: "
+            f"attention {backend!r} has none; use sdpa or eager, or turn proportional attention off"
+        )
+    if mask.dtype == torch.bool:
+        excluded = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        mask = excluded.masked_fill(~mask, torch.finfo(dtype).min)
+    return mask + key_bias[:, None, None, :].to(dtype)

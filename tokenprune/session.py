@@ -22,10 +22,18 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.adapter import Adapter
 from tokenprune.config import ReductionConfig, Stage
-from tokenprune.errors import InputError, StrategyError
+from tokenprune.errors import AttachError, ConfigError, InputError
 from tokenprune.layout import VisualLayout
+from tokenprune.merging import follow_groups, initial_groups, key_bias, merge_average
 from tokenprune.probe import AttentionInputs
 from tokenprune.reducer import Reducer, Signals, TokenView, group_counts
+from tokenprune.selection import (
+    ReductionEvent,
+    check_selection,
+    check_strategy_site,
+    reduction_event,
+    selection_parts,
+)
 from tokenprune.sequence import (
     build_causal_mask,
     compose,
@@ -33,23 +41,7 @@ from tokenprune.sequence import (
     left_aligned_index,
     scatter_tokens,
 )
-
-
-@dataclass
-class ReductionEvent:
-    """One stage of the most recent reducing forward; lists hold one entry per sample.
-
-    `kept` [B, L']: original sequence positions that survive the stage, sorted, text included.
-    Original padding is never kept; a row keeping fewer tokens than the longest row is
-    left-filled with -1.
-    """
-
-    layer: int
-    tokens_before: list[int]
-    tokens_after: list[int]
-    visual_before: list[int]
-    visual_after: list[int]
-    kept: Tensor
+from tokenprune.vision import VisionSite, image_slots
 
 
 @dataclass
@@ -58,6 +50,16 @@ class _Shortened:
 
     index: Tensor | None  # [B, L] original positions, -1 for filler (None on a cached continuation)
     overrides: dict[str, Any]  # layer keyword inputs replaced: mask, rotary tables, position ids
+    sizes: Tensor | None = None  # [B, L] original tokens per token once something merged
+
+
+@dataclass
+class _CachedStage:
+    """The key slots a stage left in the cache of its layers, and their proportional-attention bias."""
+
+    layer: int
+    key_valid: Tensor
+    key_bias: Tensor | None
 
 
 @dataclass
@@ -65,7 +67,7 @@ class _CacheRecord:
     """What later forwards on one KV cache need: per stage, its first layer and its key slots."""
 
     original_length: int
-    stages: list[tuple[int, Tensor]] = field(default_factory=list)
+    stages: list[_CachedStage] = field(default_factory=list)
 
 
 @dataclass
@@ -79,8 +81,13 @@ class _Pass:
     cache: Any = None
     probe_inputs: dict[int, Any] = field(default_factory=dict)
     restore: Tensor | None = None
+    groups: Tensor | None = None  # [B, N] source map (see ReductionEvent.groups)
+    proportional: bool = False  # a merge asked for proportional attention
     events: list[ReductionEvent] = field(default_factory=list)
 
+
+# The layer-0 site that applies `site: vision` stages to the language model's input.
+HANDOFF = Stage(layer=0, ratio=0.0)
 
 # Every cache shortened by any attachment, so another one (after a detach and re-attach) refuses it.
 _REDUCED_CACHES: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -98,13 +105,29 @@ class Session:
         self.adapter = adapter
         self.config = config
         self.reducer = reducer
-        self.stages: dict[int, Stage] = {stage.layer: stage for stage in config.stages}
-        self.first_layer = config.stages[0].layer
+        self.stages: dict[int, Stage] = {s.layer: s for s in config.stages if s.site == "language"}
+        if self.stages:
+            check_strategy_site(reducer, "language")
+        self.vision = self._vision_site([s for s in config.stages if s.site == "vision"])
+        self.first_layer = min(self.stages)
         self.trace: list[ReductionEvent] = []
         self._pass: _Pass | None = None
         self._caches: weakref.WeakKeyDictionary[Any, _CacheRecord] = weakref.WeakKeyDictionary()
         self._handles: list[RemovableHandle] = []
         self._entry_params = list(_forward_parameters(adapter.entry_module()))
+
+    def _vision_site(self, stages: list[Stage]) -> VisionSite | None:
+        """Stages in the vision tower, handed to the language model at layer 0."""
+        if not stages:
+            return None
+        tower = self.adapter.vision_tower()
+        if tower is None:
+            name, why = self.adapter.name, self.adapter.no_vision_tower
+            raise AttachError(f"adapter {name!r} exposes no vision tower for `site: vision` stages: {why}")
+        if 0 in self.stages:
+            raise ConfigError("`site: vision` stages hand their result to layer 0: no language stage there")
+        self.stages[0] = HANDOFF
+        return VisionSite(tower, stages, self.reducer, self.config.token_order)
 
     # -- attaching -------------------------------------------------------------------------
 
@@ -113,12 +136,13 @@ class Session:
         self._hook_pre(entry, self._on_entry)
         self._handles.append(entry.register_forward_hook(self._on_exit, always_call=True))
         layers = self.adapter.decoder_layers()
-        for layer in self.stages:
-            if layer > 0:
-                self._handles += self._watch(layer - 1)
+        for layer in self.stages:  # before the layer hooks: the site's input is seen unreduced
+            self._handles += self._watch(layer)
         for index in range(self.first_layer, len(layers)):
             self._hook_pre(layers[index], self._layer_hook(index))
         self._handles.append(layers[-1].register_forward_hook(self._on_last_layer))
+        if self.vision is not None:
+            self._handles += self.vision.install()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -154,28 +178,48 @@ class Session:
         record = self._caches.get(cache) if cache is not None else None
         if record is None or self.first_layer != 0 or inputs.get("position_ids") is not None:
             return None
-        first_layer, key_valid = record.stages[0]
-        past = cache.get_seq_length(first_layer) - key_valid.shape[1] + record.original_length
-        positions = torch.arange(past, past + q_length, device=key_valid.device)[None]
+        first = record.stages[0]
+        past = cache.get_seq_length(first.layer) - first.key_valid.shape[1] + record.original_length
+        positions = torch.arange(past, past + q_length, device=first.key_valid.device)[None]
         return self.adapter.continued_position_ids(positions, inputs)
 
     def _on_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         finished = self._pass
         self._pass = None
         if finished is not None and finished.mode == "prefill":
-            self.trace = finished.events
+            self.trace = (self.vision.events if self.vision is not None else []) + finished.events
 
     # -- decoder layers -------------------------------------------------------------------------
 
-    def _watch(self, layer: int) -> list[RemovableHandle]:
-        """Let the probe of `layer` keep references to what that layer computes, for lazy signals."""
-        probe = self.adapter.probe(layer)
+    def _watch(self, site: int) -> list[RemovableHandle]:
+        """Keep references to what the model computes around the site at `site`, for lazy signals.
 
-        def store(inputs: AttentionInputs) -> None:
-            if self._pass is not None:
-                self._pass.probe_inputs[layer] = (probe, inputs)
+        Per forward, `probe_inputs[site]` holds `"before"`: the probe of layer `site - 1` and what its
+        attention saw, and `"entering"`: the hidden states entering layer `site` and the rotary
+        tables the model passes it (full length), as they are before the site reduces anything.
+        """
 
-        return probe.watch(store)
+        def captured() -> dict[str, Any] | None:
+            return None if self._pass is None else self._pass.probe_inputs.setdefault(site, {})
+
+        def entering(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            slot = captured()
+            if slot is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                slot["entering"] = (hidden, kwargs.get("position_embeddings"))
+
+        layer = self.adapter.decoder_layers()[site]
+        handles = [layer.register_forward_pre_hook(entering, with_kwargs=True)]
+        if site > 0:
+            probe = self.adapter.probe(site - 1)
+
+            def store(inputs: AttentionInputs) -> None:
+                slot = captured()
+                if slot is not None:
+                    slot["before"] = (probe, inputs)
+
+            handles += probe.watch(store)
+        return handles
 
     def _layer_hook(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -231,22 +275,60 @@ class Session:
             index = torch.arange(length, device=hidden.device).expand(batch, length)
             valid = _padding_valid(state.padding_mask, batch, length, hidden.device)
             state.restore = torch.cat([hidden, hidden.new_zeros(batch, 1, hidden.shape[-1])], dim=1)
-            index = index.masked_fill(~valid, -1)
+            index, sizes = index.masked_fill(~valid, -1), None
+            state.groups = initial_groups(valid)
         else:
-            index = state.current.index
+            index, sizes = state.current.index, state.current.sizes
             valid = index >= 0
             state.restore = scatter_tokens(state.restore, index, hidden)
-        view = self._view(state, stage, hidden, index, valid)
-        keep = self.reducer.select(view)
-        _check_selection(type(self.reducer).__name__, keep, view)
-        inner = left_aligned_index((valid & ~view.candidates) | keep)
+        view = self._view(state, stage, hidden, index, valid, sizes)
+        if stage is HANDOFF:
+            keep, into, sizes = self._handoff(state, view)
+        else:
+            keep, merge = selection_parts(self.reducer.select(view))
+            check_selection(type(self.reducer).__name__, keep, view, merge)
+            into = None if merge is None else merge.into
+            if merge is not None:
+                hidden, sizes = merge_average(hidden, view.token_sizes(), merge.into)
+                state.proportional = merge.proportional_attention
+        survive = (valid & ~view.candidates) | keep
+        inner = left_aligned_index(survive)
         kept = compose(index, inner)
-        state.current = _Shortened(kept, self._overrides(kept, kwargs, hidden.dtype))
-        state.events.append(_event(stage.layer, view, kept, state.layout.visual))
-        self._remember(state, stage.layer, kept, state.restore.shape[1] - 1)
+        state.groups = follow_groups(state.groups, index, survive, into)
+        sizes = None if sizes is None else gather_tokens(sizes, inner, 1).masked_fill(kept < 0, 1.0)
+        bias = key_bias(sizes) if state.proportional else None
+        state.current = _Shortened(kept, self._overrides(kept, kwargs, hidden.dtype, bias), sizes)
+        state.events.append(
+            reduction_event(stage.layer, view, kept, state.layout.visual, state.groups, sizes)
+        )
+        self._remember(state, stage.layer, kept, state.restore.shape[1] - 1, bias)
         return gather_tokens(hidden, inner, 1)
 
-    def _view(self, state: _Pass, stage: Stage, hidden: Tensor, index: Tensor, valid: Tensor) -> TokenView:
+    def _handoff(self, state: _Pass, view: TokenView) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(keep, into, sizes) at layer 0 from the vision tower's reductions of this forward's images.
+
+        Layer 0 sees the input sequence, so slots are original positions; the merged features already
+        sit at their destination's slot, so nothing is averaged again here.
+        """
+        handoff = self.vision.handoff()
+        if handoff is None:  # no image in this forward
+            return view.candidates, None, None
+        image, patch = image_slots(state.layout, view.valid, self.vision.tower.grid)
+        visual = image >= 0
+        image, patch = image.clamp(min=0), patch.clamp(min=0)
+        keep = handoff.survive[image, patch] & view.candidates
+        position_of = torch.full_like(handoff.holder, -1)
+        position_of[image[visual], patch[visual]] = view.positions[visual]
+        holder = handoff.holder[image, patch]
+        into = position_of[image, holder.clamp(min=0)].masked_fill(keep | ~view.candidates | (holder < 0), -1)
+        if handoff.sizes is None:
+            return keep, into, None
+        state.proportional = handoff.proportional
+        return keep, into, torch.where(visual, handoff.sizes[image, patch], 1.0)
+
+    def _view(
+        self, state: _Pass, stage: Stage, hidden: Tensor, index: Tensor, valid: Tensor, sizes: Tensor | None
+    ) -> TokenView:
         layout = state.layout
         last_real = torch.zeros_like(valid).scatter_(1, _last_true(valid)[:, None], True)
         candidates = gather_tokens(layout.visual, index, 1) & valid & ~last_real
@@ -268,6 +350,7 @@ class Session:
             signals=self._signals(state, stage.layer, valid),
             frame=frame,
             frame_budget=budgets if self.config.budget == "per_frame" else None,
+            sizes=sizes,
         )
 
     def _budgets(
@@ -297,16 +380,71 @@ class Session:
         return torch.tensor(budgets, dtype=torch.long, device=device)
 
     def _signals(self, state: _Pass, layer: int, valid: Tensor) -> Signals:
-        captured = state.probe_inputs.get(layer - 1)
-        if captured is None:
-            return Signals()
-        probe, inputs = captured
-        return Signals(attention=lambda query: probe.received(inputs, valid, query))
+        """The lazy signals of the site before decoder layer `layer`, on the sequence entering it.
 
-    def _overrides(self, kept: Tensor, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-        """Layer inputs for the shortened sequence: tokens keep their original rotary positions."""
+        - `attention(query="last", rope=True, over="all")` [B, L]: head-averaged attention received
+          at layer K-1 (needs K >= 1); `rope=False` drops the rotary embedding from queries and keys;
+          `over="visual"` takes the softmax over the visual keys only.
+        - `keys(rope=False, heads="mean")`: layer K-1's keys, float32 [B, L, d] averaged over heads or
+          [B, L, Hkv*d] (`heads="concat"`), before (`rope=False`) or after the rotary embedding.
+        - `next_attention(query="last", rope=True, over="all")` [B, L]: the same attention row computed
+          with layer K's own input norm, projections and rotary tables on the hidden states entering
+          it (PyramidDrop); available at every site, layer 0 included.
+        - `normed_output()` [B, L, D] float32: the hidden states entering the site through the
+          language model's final norm (DART's "outputs of layer K-1").
+        """
+        captured = state.probe_inputs.get(layer, {})
+        current, layout = state.current, state.layout  # the sequence before this stage reduces it
+
+        def visual_keys(over: str) -> Tensor | None:
+            if over not in ("all", "visual"):
+                raise ValueError(f"signal option over={over!r}: expected 'all' or 'visual'")
+            if over == "all":
+                return None
+            return layout.visual if current is None else gather_tokens(layout.visual, current.index, 1)
+
+        providers: dict[str, Callable[..., Tensor]] = {}
+        before = captured.get("before")
+        if before is not None:
+            probe, inputs = before
+            providers["attention"] = lambda query="last", rope=True, over="all": probe.received(
+                inputs, valid, query, rope, visual_keys(over)
+            )
+            providers["keys"] = lambda rope=False, heads="mean": probe.keys(inputs, rope, heads)
+        hidden, rotary = captured.get("entering", (None, None))
+        norm = self.adapter.final_norm()
+        if hidden is not None and norm is not None:
+
+            def normed_output() -> Tensor:
+                with torch.no_grad():
+                    return norm(hidden).float()
+
+            providers["normed_output"] = normed_output
+        if hidden is not None and rotary is not None:
+            if before is not None and current is not None:  # the tables layer K-1 ran with: layer K's too
+                rotary = before[1].rotary
+            elif current is not None:
+                rotary = tuple(gather_tokens(t, current.index, -2) for t in rotary)
+
+            def next_attention(query: str = "last", rope: bool = True, over: str = "all") -> Tensor:
+                probe = self.adapter.probe(layer)
+                with torch.no_grad():
+                    inputs = probe.project(self.adapter.input_norm(layer)(hidden), rotary)
+                return probe.received(inputs, valid, query, rope, visual_keys(over))
+
+            providers["next_attention"] = next_attention
+        return Signals(providers)
+
+    def _overrides(
+        self, kept: Tensor, kwargs: dict[str, Any], dtype: torch.dtype, bias: Tensor | None
+    ) -> dict[str, Any]:
+        """Layer inputs for the shortened sequence: tokens keep their original rotary positions.
+
+        A merged token keeps the position of the token it was merged into (the survivor's own).
+        """
+        config = self.adapter.text_config()
         overrides: dict[str, Any] = {
-            "attention_mask": build_causal_mask(self.adapter.text_config(), kept >= 0, kept.shape[1], dtype)
+            "attention_mask": build_causal_mask(config, kept >= 0, kept.shape[1], dtype, key_bias=bias)
         }
         rotary = kwargs.get("position_embeddings")
         if rotary is not None:
@@ -315,14 +453,16 @@ class Session:
             overrides["position_ids"] = gather_tokens(kwargs["position_ids"], kept, -1)
         return overrides
 
-    def _remember(self, state: _Pass, layer: int, kept: Tensor, original_length: int) -> None:
+    def _remember(
+        self, state: _Pass, layer: int, kept: Tensor, original_length: int, bias: Tensor | None
+    ) -> None:
         if state.cache is None:
             return
         record = self._caches.get(state.cache)
         if record is None or layer == self.first_layer:
             record = self._caches[state.cache] = _CacheRecord(original_length)
             _REDUCED_CACHES.add(state.cache)
-        record.stages.append((layer, kept >= 0))
+        record.stages.append(_CachedStage(layer, kept >= 0, bias))
 
     # -- forwards that continue a reduced cache (decode steps) -----------------------------------
 
@@ -331,7 +471,8 @@ class Session:
     ) -> _Shortened:
         """Mask for new tokens attending to the kept cache entries of the stage starting at `layer`."""
         record = self._caches[state.cache]
-        key_valid = dict(record.stages)[layer]
+        cached = next(stage for stage in record.stages if stage.layer == layer)
+        key_valid = cached.key_valid
         batch, q_length = hidden.shape[:2]
         new_total = state.cache.get_seq_length(layer) - key_valid.shape[1] + q_length
         if state.padding_mask is None:
@@ -344,7 +485,10 @@ class Session:
                     f"{record.original_length} prompt tokens and {new_total} since, this call included"
                 )
         keys = torch.cat([key_valid, new_valid], dim=1)
-        mask = build_causal_mask(self.adapter.text_config(), keys, q_length, hidden.dtype)
+        bias = None
+        if cached.key_bias is not None:
+            bias = torch.cat([cached.key_bias, cached.key_bias.new_zeros(new_valid.shape)], dim=1)
+        mask = build_causal_mask(self.adapter.text_config(), keys, q_length, hidden.dtype, key_bias=bias)
         return _Shortened(index=None, overrides={"attention_mask": mask})
 
 
@@ -356,36 +500,6 @@ def _padding_valid(mask: Tensor | None, batch: int, length: int, device: torch.d
 
 def _last_true(mask: Tensor) -> Tensor:
     return mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
-
-
-def _check_selection(name: str, keep: Tensor, view: TokenView) -> None:
-    if keep.shape != view.candidates.shape or keep.dtype != torch.bool:
-        raise StrategyError(
-            f"{name}.select returned {tuple(keep.shape)} {keep.dtype}, "
-            f"expected bool {tuple(view.candidates.shape)}"
-        )
-    counts = keep.sum(dim=1)
-    budget, groups = view.quota()
-    if groups is None:
-        per_group, budget = counts[:, None], budget[:, None]
-    else:
-        per_group = group_counts(keep, groups, budget.shape[1])
-    outside, off_budget = torch.stack([(keep & ~view.candidates).any(), (per_group != budget).any()]).tolist()
-    if outside:
-        raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
-    if off_budget:
-        unit = "sample" if groups is None else "frame"
-        raise StrategyError(
-            f"{name}.select kept {per_group.tolist()} per {unit}, the budget is {budget.tolist()}"
-        )
-
-
-def _event(layer: int, view: TokenView, kept: Tensor, visual: Tensor) -> ReductionEvent:
-    """The trace entry of one stage: real and visual tokens before and after it, per sample."""
-    before = gather_tokens(visual, view.positions, 1) & view.valid
-    after = gather_tokens(visual, kept, 1) & (kept >= 0)
-    counts = torch.stack([view.valid.sum(1), (kept >= 0).sum(1), before.sum(1), after.sum(1)]).tolist()
-    return ReductionEvent(layer, *counts, kept=kept)
 
 
 def _forward_parameters(module: nn.Module) -> list[str]:

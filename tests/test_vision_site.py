@@ -1,0 +1,165 @@
+"""`site: vision` stages: reductions inside LLaVA's CLIP tower, handed to the language model at layer 0.
+
+Oracle for pruning: the *unreduced* model where the later vision layers hide the removed patches
+as keys and the language model hides their placeholder tokens as keys from layer 0 on; the kept
+tokens' logits must match (max abs diff <= 1e-4, float32). ToMe in the tower: identity at ratio 0,
+sources and sizes, batch equivalence and the cache against recomputation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from oracles import (
+    Prompt,
+    assert_kept_logits_match,
+    generation_positions,
+    greedy,
+    llava_inputs,
+    oracle_masks,
+    recomputed_greedy,
+)
+
+import tokenprune as tp
+from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava
+
+LOGIT_TOL = 1e-4
+# Every installed strategy that acts in a vision encoder goes through these tests.
+VISION = [name for name in tp.strategies() if "vision" in tp.strategy_class(name).sites]
+PRUNING = [name for name in VISION if not tp.strategy_class(name).merges]
+
+prompts = st.builds(
+    lambda text, images: Prompt(text[: images + 1], images),
+    st.lists(st.integers(1, 6), min_size=3, max_size=3),
+    st.integers(1, 2),
+)
+
+
+@pytest.fixture(scope="module")
+def llava3():
+    """A toy LLaVA whose CLIP tower has 3 layers: features come from layer 1 (vision_feature_layer=-2)."""
+    return toy_llava(ToySize(vision_layers=3))
+
+
+def vision(strategy: str, layer: int, ratio: float) -> tp.ReductionConfig:
+    return tp.ReductionConfig(strategy=strategy, stages=[{"site": "vision", "layer": layer, "ratio": ratio}])
+
+
+def forward(model, inputs):
+    return model(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False)
+
+
+def vision_mask_hooks(model, event) -> list:
+    """Later vision layers hide the patches the vision stage removed, as keys (full-length run)."""
+    layers = model.model.vision_tower.encoder.layers
+    n_images, total = event.groups.shape
+    kept = torch.zeros(n_images, total, dtype=torch.bool)
+    for image, row in enumerate(event.kept):
+        kept[image, row] = True
+    hidden = torch.finfo(torch.float32).min
+    mask = torch.zeros(n_images, 1, 1, total).masked_fill(~kept[:, None, None, :], hidden)
+
+    def hook(module, args):
+        return (args[0], mask, *args[2:])
+
+    return [layer.register_forward_pre_hook(hook) for layer in layers[event.layer + 1 :]]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", PRUNING)
+@given(batch=st.lists(prompts, min_size=1, max_size=3), layer=st.integers(0, 1), ratio=st.floats(0.1, 0.9))
+def test_pruning_in_the_tower_matches_the_mask_oracle(llava3, strategy, batch, layer, ratio):
+    inputs = llava_inputs(batch)
+    with tp.attach(llava3, vision(strategy, layer, ratio)) as handle:
+        logits = forward(llava3, inputs).logits
+        tower_event, language_event = handle.trace
+    assert (tower_event.site, language_event.site, language_event.layer) == ("vision", "language", 0)
+    valid = inputs["attention_mask"].bool()
+    removed = valid.clone()
+    for b, row in enumerate(language_event.kept):
+        removed[b, row[row >= 0]] = False
+    handles = vision_mask_hooks(llava3, tower_event) + oracle_masks(llava3, [(0, removed)], valid)
+    try:
+        expected = forward(llava3, inputs).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert_kept_logits_match(logits, expected, language_event.kept, LOGIT_TOL)
+    per_image = round(36 * (1 - ratio))
+    assert tower_event.tokens_after == [1 + per_image] * tower_event.groups.shape[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", VISION)
+def test_ratio_zero_in_the_tower_is_identity(llava3, strategy):
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+    reference = forward(llava3, inputs).logits
+    with tp.attach(llava3, vision(strategy, 1, 0.0)):
+        logits = forward(llava3, inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert (logits - reference)[real].abs().max() <= 1e-5
+
+
+@torch.no_grad()
+@given(batch=st.lists(prompts, min_size=1, max_size=3), layer=st.integers(0, 1), ratio=st.floats(0.1, 0.9))
+def test_tome_in_the_tower_carries_sources_and_sizes_to_the_language_model(llava3, batch, layer, ratio):
+    inputs = llava_inputs(batch)
+    with tp.attach(llava3, vision("tome", layer, ratio)) as handle:
+        forward(llava3, inputs)
+        tower_event, language_event = handle.trace
+    assert torch.all(tower_event.sizes.sum(dim=1) == 37)  # class token + 36 patches, none dropped
+    visual = (inputs["input_ids"] == IMAGE_TOKEN_ID) & inputs["attention_mask"].bool()
+    for b in range(len(batch)):
+        kept = language_event.kept[b]
+        holders = language_event.groups[b, visual[b]]
+        assert bool(visual[b, holders].all())  # every patch lives on in a visual token
+        kept_visual = kept[(kept >= 0)][visual[b, kept[kept >= 0]]]
+        assert set(holders.tolist()) == set(kept_visual.tolist())
+        sizes = language_event.sizes[b][kept >= 0][visual[b, kept[kept >= 0]]]
+        assert float(sizes.sum()) == int(visual[b].sum())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", VISION)
+def test_a_sample_in_a_batch_equals_the_sample_alone(llava3, strategy):
+    batch = [Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6, 1], 1)]
+    inputs = llava_inputs(batch)
+    pad = (1 - inputs["attention_mask"]).sum(1)
+    with tp.attach(llava3, vision(strategy, 0, 0.6)) as handle:
+        together, _ = greedy(llava3, inputs, 4)
+        kept_together = handle.trace[-1].kept
+        first_image = 0
+        for b, prompt in enumerate(batch):
+            alone_inputs = llava_inputs([prompt], seed=b)
+            alone_inputs["pixel_values"] = inputs["pixel_values"][first_image : first_image + prompt.images]
+            first_image += prompt.images
+            alone, _ = greedy(llava3, alone_inputs, 4)
+            row, kept_alone = kept_together[b], handle.trace[-1].kept[0]
+            assert torch.equal(row[row >= 0] - pad[b], kept_alone[kept_alone >= 0])
+            assert torch.equal(together[b], alone[0])
+
+
+@torch.no_grad()
+def test_generate_on_a_tower_reduced_cache_equals_recomputation(llava3):
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+    steps = 4
+    with tp.attach(llava3, vision("tome", 1, 0.7)):
+        cached, _ = greedy(llava3, inputs, steps)
+        recomputed = recomputed_greedy(llava3, inputs, steps)
+    assert torch.equal(cached, recomputed)
+
+
+def test_vision_sites_are_refused_where_they_do_not_apply(llava3, llava_next):
+    with pytest.raises(tp.AttachError, match="no vision tower"):
+        tp.attach(llava_next, vision("random", 0, 0.5))
+    with pytest.raises(tp.ConfigError, match="past the last vision layer"):
+        tp.attach(llava3, vision("random", 2, 0.5))
+    both = [{"site": "vision", "layer": 0, "ratio": 0.3}, {"layer": 0, "ratio": 0.5}]
+    with pytest.raises(tp.ConfigError, match="layer 0"):
+        tp.attach(llava3, tp.ReductionConfig(strategy="random", stages=both))
+    with pytest.raises(tp.ConfigError, match="language sites"):
+        tp.attach(llava3, vision("dart", 0, 0.5))
+    with pytest.raises(ValueError, match="come before"):
+        tp.ReductionConfig(stages=[{"layer": 2, "ratio": 0.3}, {"site": "vision", "layer": 0, "ratio": 0.5}])

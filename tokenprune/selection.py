@@ -1,0 +1,105 @@
+"""What every site shares about a selection: checking it against the budget, and recording it.
+
+A `ReductionEvent` is the trace entry of one stage, for language-model sites (`tokenprune.session`)
+and grid sites (ViT blocks, vision towers: `tokenprune.encoder`) alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokenprune.errors import ConfigError, StrategyError
+from tokenprune.reducer import Merge, Reducer, Site, TokenView, group_counts
+from tokenprune.sequence import gather_tokens
+
+
+@dataclass
+class ReductionEvent:
+    """One stage of the most recent reducing forward; lists hold one entry per sample.
+
+    `kept` [B, L']: original sequence positions that survive the stage, sorted, text included.
+    Original padding is never kept; a row keeping fewer tokens than the longest row is
+    left-filled with -1.
+    `groups` [B, N]: for each original token, the original position of the surviving token that
+    holds it (itself, or the token it was merged into), -1 once removed or for padding.
+    `sizes` [B, L'] float: original tokens each kept token stands for; None when nothing merged.
+    `site`: "language" (B = samples, positions in the input ids) or "vision" (B = images of the
+    vision batch or of the ViT, positions in the encoder's [prefix, patches] sequence).
+    """
+
+    layer: int
+    tokens_before: list[int]
+    tokens_after: list[int]
+    visual_before: list[int]
+    visual_after: list[int]
+    kept: Tensor
+    groups: Tensor | None = None
+    sizes: Tensor | None = None
+    site: str = "language"
+
+
+
+def selection_parts(selection: Tensor | Merge) -> tuple[Tensor, Merge | None]:
+    """(keep mask, merge or None) of what `Reducer.select` returned."""
+    if isinstance(selection, Merge):
+        return selection.keep, selection
+    return selection, None
+
+
+def check_selection(name: str, keep: Tensor, view: TokenView, merge: Merge | None = None) -> None:
+    if keep.shape != view.candidates.shape or keep.dtype != torch.bool:
+        raise StrategyError(
+            f"{name}.select returned {tuple(keep.shape)} {keep.dtype}, "
+            f"expected bool {tuple(view.candidates.shape)}"
+        )
+    counts = keep.sum(dim=1)
+    budget, groups = view.quota()
+    if groups is None:
+        per_group, budget = counts[:, None], budget[:, None]
+    else:
+        per_group = group_counts(keep, groups, budget.shape[1])
+    outside, off_budget = torch.stack([(keep & ~view.candidates).any(), (per_group != budget).any()]).tolist()
+    if outside:
+        raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
+    if off_budget:
+        unit = "sample" if groups is None else "frame"
+        raise StrategyError(
+            f"{name}.select kept {per_group.tolist()} per {unit}, the budget is {budget.tolist()}"
+        )
+    if merge is not None:
+        _check_merge(name, keep, view, merge.into)
+
+
+def _check_merge(name: str, keep: Tensor, view: TokenView, into: Tensor) -> None:
+    """A merge moves removed candidates into kept candidates, nothing else."""
+    if into.shape != keep.shape or into.dtype != torch.long:
+        raise StrategyError(
+            f"{name}: Merge.into must be long {tuple(keep.shape)}, got {into.dtype} {tuple(into.shape)}"
+        )
+    joined = into >= 0
+    target_kept = keep.gather(1, into.clamp(min=0, max=keep.shape[1] - 1)) & (into < keep.shape[1])
+    if bool((joined & (keep | ~view.candidates | ~target_kept)).any()):
+        raise StrategyError(f"{name}: Merge.into may only move removed candidates into kept candidates")
+
+
+def reduction_event(
+    layer: int, view: TokenView, kept: Tensor, visual: Tensor, groups: Tensor, sizes: Tensor | None
+) -> ReductionEvent:
+    """The trace entry of one stage: real and visual tokens before and after it, per sample, and sources."""
+    before = gather_tokens(visual, view.positions, 1) & view.valid
+    after = gather_tokens(visual, kept, 1) & (kept >= 0)
+    counts = torch.stack([view.valid.sum(1), (kept >= 0).sum(1), before.sum(1), after.sum(1)]).tolist()
+    return ReductionEvent(layer, *counts, kept=kept, groups=groups, sizes=sizes)
+
+
+def check_strategy_site(reducer: Reducer, site: Site) -> None:
+    """Refuse a strategy at a kind of site its method does not act at (its `sites`)."""
+    if site not in type(reducer).sites:
+        where = " and ".join(sorted(type(reducer).sites))
+        raise ConfigError(
+            f"{type(reducer).__name__} acts at {where} sites, not at a {site} site"
+            + (" (use `site: vision` stages)" if "vision" in type(reducer).sites else "")
+        )
