@@ -7,7 +7,8 @@ tokenprune's shortened run. It shares no code with tokenprune's mechanics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -210,3 +211,13 @@ def assert_kept_logits_match(logits: Tensor, expected: Tensor, kept: Tensor, tol
     for b, row in enumerate(kept):
         row = row[row >= 0]
         assert (logits[b, row] - expected[b, row]).abs().max() <= tol
+
+
+@contextmanager
+def hooked(handles: list) -> Iterator[None]:
+    """Run the body with these oracle hooks in place, and remove them afterwards whatever happens."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,7 +12,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, assert_kept_logits_match, generation_positions, llava_inputs, recomputed_greedy
+from oracles import (
+    Prompt,
+    assert_kept_logits_match,
+    generation_positions,
+    hooked,
+    llava_inputs,
+    recomputed_greedy,
+)
 from qwen_inputs import Item, QwenPrompt, qwen_inputs
 from torch import Tensor
 
@@ -82,11 +89,8 @@ def test_merge_oracle_prefill(llava, proportional, batch, layer, ratio):
         logits = forward(llava, inputs).logits
         (event,) = handle.trace
     handles = merge_oracle_hooks(llava, event, inputs["attention_mask"].bool(), proportional)
-    try:
+    with hooked(handles):
         expected = forward(llava, inputs).logits
-    finally:
-        for h in handles:
-            h.remove()
     assert_kept_logits_match(logits, expected, event.kept, LOGIT_TOL)
 
 
@@ -171,9 +175,6 @@ def test_merge_oracle_on_qwen2_vl_with_3d_positions(layer):
         logits = model(**inputs, use_cache=False).logits
         (event,) = handle.trace
     handles = merge_oracle_hooks(model, event, inputs["attention_mask"].bool(), proportional=True)
-    try:
+    with hooked(handles):
         expected = model(**inputs, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
     assert_kept_logits_match(logits, expected, event.kept, LOGIT_TOL)

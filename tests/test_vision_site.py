@@ -17,6 +17,7 @@ from oracles import (
     assert_kept_logits_match,
     generation_positions,
     greedy,
+    hooked,
     llava_inputs,
     oracle_masks,
     recomputed_greedy,
@@ -81,11 +82,8 @@ def test_pruning_in_the_tower_matches_the_mask_oracle(llava3, strategy, batch, l
     for b, row in enumerate(language_event.kept):
         removed[b, row[row >= 0]] = False
     handles = vision_mask_hooks(llava3, tower_event) + oracle_masks(llava3, [(0, removed)], valid)
-    try:
+    with hooked(handles):
         expected = forward(llava3, inputs).logits
-    finally:
-        for h in handles:
-            h.remove()
     assert_kept_logits_match(logits, expected, language_event.kept, LOGIT_TOL)
     per_image = round(36 * (1 - ratio))
     assert tower_event.tokens_after == [1 + per_image] * tower_event.groups.shape[0]
@@ -142,10 +140,12 @@ def test_a_sample_in_a_batch_equals_the_sample_alone(llava3, strategy):
 
 
 @torch.no_grad()
-def test_generate_on_a_tower_reduced_cache_equals_recomputation(llava3):
-    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+@pytest.mark.parametrize("strategy", VISION)
+def test_generate_on_a_tower_reduced_cache_equals_recomputation(llava3, strategy):
+    """A left-padded batch (one sample without an image) decodes on the reduced cache as recomputed."""
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6], 0)])
     steps = 4
-    with tp.attach(llava3, vision("tome", 1, 0.7)):
+    with tp.attach(llava3, vision(strategy, 1, 0.7)):
         cached, _ = greedy(llava3, inputs, steps)
         recomputed = recomputed_greedy(llava3, inputs, steps)
     assert torch.equal(cached, recomputed)
