@@ -25,10 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from torch import Tensor
 
-from tokenprune.merging import merge_average
+from tokenprune.merging import best_matches, merge_average
 from tokenprune.reducer import Merge, Reducer, TokenView, group_counts, top_k_mask
 from tokenprune.schedule import removals_per_layer
-from tokenprune.sequence import gather_tokens, left_aligned_index
 
 
 class ToMeParams(BaseModel):
@@ -46,29 +45,6 @@ def alternate_sets(valid: Tensor) -> tuple[Tensor, Tensor]:
     rank = valid.long().cumsum(dim=1) - 1
     even = rank % 2 == 0
     return valid & even, valid & ~even
-
-
-def best_matches(
-    metric: Tensor, sources: Tensor, destinations: Tensor, groups: Tensor
-) -> tuple[Tensor, Tensor]:
-    """For each token, (best cosine similarity, slot of that B token) [B, L]; -inf where it has none.
-
-    metric [B, L, d]; `sources` [B, L] may merge (rows), `destinations` [B, L] may receive (columns),
-    within the same group ([B, L], e.g. a frame). Only the [sources x destinations] block is computed.
-    """
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    rows, columns = left_aligned_index(sources), left_aligned_index(destinations)
-    scores = gather_tokens(unit, rows, 1) @ gather_tokens(unit, columns, 1).transpose(-1, -2)
-    apart = gather_tokens(groups, rows, 1)[:, :, None] != gather_tokens(groups, columns, 1)[:, None, :]
-    scores = scores.masked_fill(apart | (columns < 0)[:, None, :], float("-inf"))
-    best, which = scores.max(dim=-1)
-    best = best.masked_fill(rows < 0, float("-inf"))
-    slot = rows.masked_fill(rows < 0, sources.shape[1])  # filler rows write to a spare column
-    score = torch.full((*sources.shape[:1], sources.shape[1] + 1), float("-inf"), device=metric.device)
-    match = torch.full_like(score, -1, dtype=torch.long)
-    score = score.scatter(1, slot, best)[:, :-1]
-    match = match.scatter(1, slot, columns.gather(1, which))[:, :-1]
-    return score, match
 
 
 def bipartite_soft_matching(

@@ -34,9 +34,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from tokenprune.strategies.tome import best_matches
 from torch import Tensor
 
+from tokenprune.merging import best_matches
 from tokenprune.reducer import Merge, Reducer, TokenView, group_counts, top_k_mask
 
 

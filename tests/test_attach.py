@@ -49,6 +49,22 @@ def test_attach_leaves_weights_and_detach_restores_everything():
 
 
 @torch.no_grad()
+def test_selection_timer_counts_each_selection_and_synchronizes_around_it():
+    model = toy_llava(seed=3)
+    inputs = llava_inputs([Prompt([3, 4], 1)])
+    synced: list[int] = []
+    with tp.attach(model, tp.ReductionConfig(layer=1, ratio=0.5)) as handle:
+        timer = handle.time_selections(lambda: synced.append(1))
+        model(**inputs)
+        assert timer.seconds > 0.0 and len(synced) == 2  # one stage: a reading before and after
+        first = timer.seconds
+        model(**inputs)
+        assert timer.seconds > first and len(synced) == 4
+        timer.reset()
+        assert timer.seconds == 0.0
+
+
+@torch.no_grad()
 def test_from_pretrained_checkpoint_saved_locally(tmp_path):
     toy_llava(seed=5).save_pretrained(tmp_path)
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()

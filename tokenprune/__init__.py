@@ -14,6 +14,7 @@ from tokenprune import strategies as _builtin_strategies  # noqa: F401
 from tokenprune.adapter import Adapter
 from tokenprune.api import (
     Handle,
+    SelectionTimer,
     adapter_for,
     adapters,
     attach,
@@ -53,6 +54,7 @@ __all__ = [
     "ReductionEvent",
     "ScoreReducer",
     "Segment",
+    "SelectionTimer",
     "SignalUnavailable",
     "Signals",
     "Stage",

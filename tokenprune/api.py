@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from torch import nn
+from torch import Tensor, nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from tokenprune.adapter import Adapter, BaseAdapter
 from tokenprune.errors import AttachError, ConfigError, PluginError
-from tokenprune.reducer import Reducer
+from tokenprune.reducer import Merge, Reducer, TokenView
 from tokenprune.registry import Registry
 
 if TYPE_CHECKING:
@@ -87,6 +89,14 @@ class Handle:
     def attached(self) -> bool:
         return self._session is not None
 
+    def time_selections(self, synchronize: Callable[[], None] | None = None) -> SelectionTimer:
+        """From now on, add up the seconds the strategy spends choosing tokens: its own overhead.
+
+        `synchronize` (e.g. `torch.cuda.synchronize`) runs before each clock reading, so that
+        asynchronous kernels are counted where they are launched. One timer per handle.
+        """
+        return SelectionTimer(self.reducer, synchronize or (lambda: None))
+
     def detach(self) -> None:
         """Remove every hook and piece of state; the model is exactly as before `attach`.
 
@@ -109,6 +119,27 @@ class Handle:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+class SelectionTimer:
+    """Seconds spent in a reducer's `select` since it started or `reset` (`Handle.time_selections`)."""
+
+    def __init__(self, reducer: Reducer, synchronize: Callable[[], None]) -> None:
+        self.seconds = 0.0
+        select = reducer.select
+
+        def timed(view: TokenView) -> Tensor | Merge:
+            synchronize()
+            start = time.perf_counter()
+            chosen = select(view)
+            synchronize()
+            self.seconds += time.perf_counter() - start
+            return chosen
+
+        reducer.select = timed  # the reducer belongs to the handle's session and goes with it
+
+    def reset(self) -> None:
+        self.seconds = 0.0
 
 
 def attach(model: nn.Module, config: ReductionConfig, adapter: str | None = None) -> Handle:

@@ -20,6 +20,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from tokenprune.ablate import parse_shard, run_ablation
+    from tokenprune.report import build_report
+
+    shard = parse_shard(args.shard) if args.shard else None
+    folder = run_ablation(args.config, shard, args.dry_run, args.output, args.threads)
+    if not args.dry_run and not args.no_report:
+        print(f"report: {', '.join(str(p) for p in build_report([folder]) if p.suffix != '.pdf')}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tokenprune.report import build_report
+
+    for path in build_report(args.folders, args.out):
+        print(path)
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     print("\n".join(tp.strategies() if args.command == "strategies" else tp.adapters()))
     return 0
@@ -32,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", help="YAML run config (see configs/llava-fastv.yaml)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.set_defaults(func=_run)
+    ablate = commands.add_parser("ablate", help="run (or resume) a grid of reductions on a VQA dataset")
+    ablate.add_argument("config", help="YAML ablation config (see configs/ablation-default.yaml)")
+    ablate.add_argument("--dry-run", action="store_true", help="list the cells and whether each is done")
+    ablate.add_argument("--shard", metavar="I/N", help="run every N-th cell from the I-th (0 <= I < N)")
+    ablate.add_argument("--output", help="folder of run folders (default: the config's `output`, runs/)")
+    ablate.add_argument("--no-report", action="store_true", help="skip the tables and figures at the end")
+    ablate.add_argument("--threads", type=int, default=None, help="torch CPU threads (overrides `threads`)")
+    ablate.set_defaults(func=_ablate)
+    report = commands.add_parser("report", help="rebuild tables and figures from run folders (shards merge)")
+    report.add_argument("folders", nargs="+", help="run folders holding results*.jsonl")
+    report.add_argument("--out", help="where to write (default: the first folder)")
+    report.set_defaults(func=_report)
     for name in ("strategies", "adapters"):
         commands.add_parser(name, help=f"list the {name} available").set_defaults(func=_list)
     args = parser.parse_args(argv)

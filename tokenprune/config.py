@@ -10,7 +10,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tokenprune.errors import ConfigError, TokenPruneError
+from tokenprune.errors import ConfigError, TokenPruneError, describe_errors
 
 DEFAULT_STRATEGY = "fastv"
 DEFAULT_LAYER = 2  # FastV's K: layers 0 and 1 see every token
@@ -112,7 +112,7 @@ class ReductionConfig(BaseModel):
         try:
             params = reducer.Params.model_validate(self.params)
         except ValidationError as exc:
-            raise ValueError(f"params of strategy {self.strategy!r}: {_short(exc)}") from None
+            raise ValueError(f"params of strategy {self.strategy!r}: {describe_errors(exc)}") from None
         object.__setattr__(self, "params", params.model_dump())
         own_schedule = reducer(params).removals(1) is not None
         if own_schedule and self.stages:
@@ -141,9 +141,6 @@ class ReductionConfig(BaseModel):
         return name
 
 
-def _short(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
-
 
 def load_config(path: str | Path) -> ReductionConfig:
     """Read a ReductionConfig from a YAML (.yaml/.yml) or JSON file; errors name the file and field."""
@@ -159,4 +156,4 @@ def load_config(path: str | Path) -> ReductionConfig:
     try:
         return ReductionConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid reduction config: {_short(exc)}") from exc
+        raise ConfigError(f"{path}: invalid reduction config: {describe_errors(exc)}") from exc

@@ -1,5 +1,7 @@
 """Errors raised by tokenprune: each names what is wrong and how to fix it."""
 
+from pydantic import ValidationError
+
 
 class TokenPruneError(Exception):
     """Base class of every tokenprune error."""
@@ -30,3 +32,12 @@ class InputError(TokenPruneError, ValueError):
 
 class StrategyError(TokenPruneError):
     """A strategy that returned a selection breaking the Reducer contract."""
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """`field.path: message` per pydantic error, joined by "; ", without pydantic's "Value error, " prefix."""
+    parts = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{'.'.join(map(str, error['loc']))}: {message}" if error["loc"] else message)
+    return "; ".join(parts)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenprune.sequence import gather_tokens, left_aligned_index
+
 
 def merge_average(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tensor, Tensor]:
     """Each survivor becomes the size-weighted average of itself and of the tokens merged into it.
@@ -74,3 +76,26 @@ def sources(groups: Tensor, kept: Tensor) -> Tensor:
     Rows of real tokens partition the original tokens that were not dropped outright.
     """
     return (kept[:, :, None] == groups[:, None, :]) & (kept[:, :, None] >= 0)
+
+
+def best_matches(
+    metric: Tensor, sources: Tensor, destinations: Tensor, groups: Tensor
+) -> tuple[Tensor, Tensor]:
+    """For each token, (best cosine similarity, slot of that B token) [B, L]; -inf where it has none.
+
+    metric [B, L, d]; `sources` [B, L] may merge (rows), `destinations` [B, L] may receive (columns),
+    within the same group ([B, L], e.g. a frame). Only the [sources x destinations] block is computed.
+    """
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    rows, columns = left_aligned_index(sources), left_aligned_index(destinations)
+    scores = gather_tokens(unit, rows, 1) @ gather_tokens(unit, columns, 1).transpose(-1, -2)
+    apart = gather_tokens(groups, rows, 1)[:, :, None] != gather_tokens(groups, columns, 1)[:, None, :]
+    scores = scores.masked_fill(apart | (columns < 0)[:, None, :], float("-inf"))
+    best, which = scores.max(dim=-1)
+    best = best.masked_fill(rows < 0, float("-inf"))
+    slot = rows.masked_fill(rows < 0, sources.shape[1])  # filler rows write to a spare column
+    score = torch.full((*sources.shape[:1], sources.shape[1] + 1), float("-inf"), device=metric.device)
+    match = torch.full_like(score, -1, dtype=torch.long)
+    score = score.scatter(1, slot, best)[:, :-1]
+    match = match.scatter(1, slot, columns.gather(1, which))[:, :-1]
+    return score, match

@@ -19,8 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 import tokenprune as tp
-from tokenprune.config import _short
-from tokenprune.errors import ConfigError
+from tokenprune.errors import ConfigError, describe_errors
 from tokenprune.flops import trace_flops
 from tokenprune.toy import ToySize, toy_llava
 
@@ -69,7 +68,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_short(exc)}") from exc
+        raise ConfigError(f"{path}: {describe_errors(exc)}") from exc
 
 
 def load_model(config: RunConfig) -> nn.Module:

@@ -1,0 +1,88 @@
+"""Built-in models and tasks that need no download: `builtin:toy-llava` answering `builtin:toy-vqa`.
+
+The toy LLaVA is a trained `LlavaForConditionalGeneration` shipped as package data (see
+`tools/train_toy.py` and docs/toy-model.md) and loaded through `from_pretrained`, as any local
+checkpoint would be. Its folder also holds `tokenprune.json`: the prompt template, the number of
+new tokens an answer takes and the accuracy measured when it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, BatchFeature, LlavaForConditionalGeneration, ProcessorMixin
+
+from tokenprune.errors import ConfigError
+from tokenprune.toyvqa import Split, VQASample, generate_samples, normalize_answer
+
+TOY_LLAVA_DIR = Path(__file__).parent / "data" / "toy-llava"
+BUILTIN_MODEL_DIRS = {"builtin:toy-llava": TOY_LLAVA_DIR}
+BUILTIN_DATASETS = ("builtin:toy-vqa",)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A loaded built-in model with its processor, prompt template (`{question}`) and answer length."""
+
+    model: LlavaForConditionalGeneration
+    processor: ProcessorMixin
+    prompt: str
+    max_new_tokens: int
+
+
+def load_builtin_model(name: str, attn_implementation: str = "sdpa") -> BuiltinModel:
+    """A built-in model by name, in eval mode, float32, through `from_pretrained` on its package folder."""
+    if name not in BUILTIN_MODEL_DIRS:
+        raise ConfigError(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODEL_DIRS)}")
+    folder = BUILTIN_MODEL_DIRS[name]
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, attn_implementation=attn_implementation, dtype=torch.float32
+    )
+    settings = json.loads((folder / "tokenprune.json").read_text())
+    return BuiltinModel(
+        model.eval(), AutoProcessor.from_pretrained(folder), settings["prompt"], settings["max_new_tokens"]
+    )
+
+
+def builtin_dataset(name: str, split: Split, n: int, seed: int = 0) -> list[VQASample]:
+    """`n` samples of a built-in task's split, deterministic in (split, seed)."""
+    if name not in BUILTIN_DATASETS:
+        raise ConfigError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
+    return generate_samples(split, n, seed)
+
+
+def encode(builtin: BuiltinModel, samples: Sequence[VQASample]) -> BatchFeature:
+    """The processor's batch for `samples`: prompts left-padded so that generation continues them all."""
+    prompts = [builtin.prompt.format(question=s.question) for s in samples]
+    return builtin.processor(
+        images=[s.image for s in samples],
+        text=prompts,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
+
+
+@torch.no_grad()
+def answer_questions(builtin: BuiltinModel, samples: Sequence[VQASample], batch_size: int = 32) -> list[str]:
+    """The model's greedy answers to `samples`, decoded without special tokens, in batches."""
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        inputs = encode(builtin, samples[start : start + batch_size])
+        output = builtin.model.generate(**inputs, max_new_tokens=builtin.max_new_tokens, do_sample=False)
+        new = output[:, inputs["input_ids"].shape[1] :]
+        answers += builtin.processor.batch_decode(new, skip_special_tokens=True)
+    return answers
+
+
+def vqa_accuracy(predictions: Sequence[str], samples: Sequence[VQASample]) -> float:
+    """The fraction of predictions equal to one of their sample's answers, after `normalize_answer`."""
+    hits = sum(
+        normalize_answer(p) in {normalize_answer(a) for a in s.answers}
+        for p, s in zip(predictions, samples, strict=True)
+    )
+    return hits / len(samples)

@@ -1,0 +1,165 @@
+"""Visual question answering data for `tokenprune ablate`: the built-in task, JSONL files, `datasets` folders.
+
+Every source yields `Sample`s: an id, the images (PIL, RGB), the question and the accepted answers.
+
+- `builtin:toy-vqa`: generated on the fly (`tokenprune.toyvqa`), nothing read from disk.
+- A JSONL file: one object per line with `image` (a path, or a list of paths, relative to the
+  file's folder), `question`, and `answers` (a list) or `answer` (a string); `id` is optional.
+- A folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict`): the same columns, images
+  as an `Image` feature or paths. The `datasets` package is imported only for such a folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tokenprune.errors import ConfigError, describe_errors
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class Sample:
+    """One question about one or more images, with the answers counted as correct."""
+
+    id: str
+    images: list[Image.Image]
+    question: str
+    answers: list[str]
+
+
+class Record(BaseModel):
+    """One JSONL line or `datasets` row; other fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    images: list[Any] = Field(validation_alias=AliasChoices("images", "image"), min_length=1)
+    question: str
+    answers: list[str] = Field(validation_alias=AliasChoices("answers", "answer"), min_length=1)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_text(cls, value: Any) -> Any:
+        return None if value is None else str(value)
+
+    @field_validator("images", "answers", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return value if isinstance(value, list | tuple) else [value]
+
+
+def load_samples(source: str, split: str, limit: int | None, seed: int = 0) -> list[Sample]:
+    """The first `limit` samples (all when None) of a built-in task, a JSONL file or a `datasets` folder."""
+    if source.startswith(BUILTIN_PREFIX):
+        return builtin_samples(source, split, limit, seed)
+    path = Path(source)
+    if path.is_file():
+        return jsonl_samples(path, limit)
+    if path.is_dir():
+        return saved_dataset_samples(path, split, limit)
+    raise ConfigError(
+        f"dataset {source!r}: not a builtin name ({BUILTIN_PREFIX}toy-vqa), an existing JSONL file, "
+        "or a folder saved with datasets' save_to_disk"
+    )
+
+
+def builtin_samples(name: str, split: str, limit: int | None, seed: int = 0) -> list[Sample]:
+    """`builtin:toy-vqa`: `limit` generated samples of `split` (`train` or `test`)."""
+    from tokenprune.builtin import builtin_dataset
+
+    if limit is None:
+        raise ConfigError(f"dataset {name!r} is generated: give `limit`, the number of samples")
+    try:
+        samples = builtin_dataset(name, split, limit, seed=seed)
+    except ValueError as exc:
+        raise ConfigError(f"dataset {name!r}: {exc}") from exc
+    return [Sample(s.id, [s.image], s.question, list(s.answers)) for s in samples]
+
+
+def jsonl_samples(path: Path, limit: int | None = None) -> list[Sample]:
+    """Samples of a JSONL file; image paths are relative to the file's folder. Errors name file and line."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read dataset {path}: {exc}") from exc
+    samples: list[Sample] = []
+    for number, line in enumerate(lines, start=1):
+        if limit is not None and len(samples) == limit:
+            break
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from exc
+        record = _record(data, where)
+        images = [_open_image(path.parent / str(item), where) for item in record.images]
+        samples.append(Sample(record.id or str(number), images, record.question, record.answers))
+    if not samples:
+        raise ConfigError(f"dataset {path} has no samples")
+    return samples
+
+
+def saved_dataset_samples(path: Path, split: str, limit: int | None = None) -> list[Sample]:
+    """Samples of a folder written by `save_to_disk`: `split` is picked from a `DatasetDict`."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            f"dataset {path} is a folder, read with the `datasets` package, which is not installed: "
+            "pip install datasets (or convert it to JSONL)"
+        ) from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"dataset {path}: not a folder saved with save_to_disk ({exc})") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ConfigError(f"dataset {path} has no split {split!r}; splits: {', '.join(loaded)}")
+        loaded = loaded[split]
+    rows: Iterable[dict[str, Any]] = (
+        loaded if limit is None else loaded.select(range(min(limit, len(loaded))))
+    )
+    samples = []
+    for index, row in enumerate(rows):
+        where = f"{path} row {index}"
+        record = _record(row, where)
+        images = [_image(item, path, where) for item in record.images]
+        samples.append(Sample(record.id or str(index), images, record.question, record.answers))
+    return samples
+
+
+def _record(data: Any, where: str) -> Record:
+    try:
+        return Record.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {describe_errors(exc)}") from None
+
+
+def _image(item: Any, folder: Path, where: str) -> Image.Image:
+    """A `datasets` image cell: a decoded PIL image, an undecoded {bytes, path} dict, or a path."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, dict) and item.get("bytes"):
+        return Image.open(io.BytesIO(item["bytes"])).convert("RGB")
+    if isinstance(item, dict):
+        item = item.get("path")
+    return _open_image(folder / str(item), where)
+
+
+def _open_image(path: Path, where: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot open image {path}: {exc}") from None
