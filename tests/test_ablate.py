@@ -21,8 +21,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
 import tokenprune as tp
 from tokenprune.ablate import (
@@ -37,43 +35,16 @@ from tokenprune.ablate import (
     survival_map,
 )
 from tokenprune.api import STRATEGIES
+from tokenprune.builtin import toy_llava_processor
 from tokenprune.cli import main
 from tokenprune.datasets import jsonl_samples, load_samples
 from tokenprune.errors import ConfigError
 from tokenprune.report import build_report, pareto_front
 from tokenprune.results import CorruptLineWarning, ResultStore, merge_rows, read_rows
 from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava
-from tokenprune.toyvqa import GRID, IMAGE_SIZE, PATCH_SIZE, generate_samples, vocabulary
+from tokenprune.toyvqa import GRID, IMAGE_SIZE, PATCH_SIZE, generate_samples
 
 ROOT = Path(__file__).parents[1]
-SPECIAL = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]  # <image> is id 3, the toy's IMAGE_TOKEN_ID
-
-
-def toy_processor() -> LlavaProcessor:
-    """A word-level LLaVA processor over the toy task's words: <image> expands to 12 x 12 tokens."""
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*SPECIAL, *vocabulary()])}, "<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=["<image>"],
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    return LlavaProcessor(
-        image_processor=CLIPImageProcessor(size=size, crop_size=size, do_center_crop=False),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A toy LLaVA (random weights, 4 layers) and its processor, saved for `from_pretrained`."""
@@ -81,8 +52,8 @@ def checkpoint(tmp_path_factory) -> Path:
     model = toy_llava(ToySize(grid=GRID, patch=PATCH_SIZE, vocab=64), seed=1)
     model.generation_config.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model.save_pretrained(folder)
-    toy_processor().save_pretrained(folder)
-    assert toy_processor().tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+    toy_llava_processor().save_pretrained(folder)
+    assert toy_llava_processor().tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
     return folder
 
 

@@ -18,11 +18,9 @@ import torch
 import yaml
 from PIL import Image
 from qwen_inputs import Item, QwenPrompt, qwen_inputs
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    PreTrainedTokenizerFast,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
@@ -31,6 +29,7 @@ from transformers import (
 
 import tokenprune as tp
 from tokenprune.ablate import _prompt, expand_grid, load_ablation_config
+from tokenprune.builtin import word_tokenizer
 from tokenprune.cli import main
 from tokenprune.datasets import load_samples
 from tokenprune.results import read_rows
@@ -60,19 +59,7 @@ def toy_qwen_processor() -> Qwen2VLProcessor:
     assert sorted(ids.values()) == list(range(len(ids)))
     for word in ["<unk>", *vocabulary()]:
         ids[word] = len(ids)
-    core = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=list(VISION_TOKENS.values()),
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    tokenizer = word_tokenizer(sorted(ids, key=ids.get), VISION_TOKENS.values(), bos_first=False)
     sizes = {
         "size": {"shortest_edge": SIDE * SIDE, "longest_edge": SIDE * SIDE},  # min and max pixels
         "patch_size": PATCH,

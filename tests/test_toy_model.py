@@ -16,6 +16,7 @@ from tokenprune.builtin import (
     builtin_dataset,
     encode,
     load_builtin_model,
+    toy_llava_processor,
     vqa_accuracy,
 )
 from tokenprune.errors import ConfigError
@@ -84,6 +85,17 @@ def test_processor_expands_image_to_every_patch_token(toy):
     image_tokens = inputs["input_ids"].eq(toy.model.config.image_token_id).sum(1)
     assert image_tokens.tolist() == [GRID * GRID] * 2
     assert inputs["attention_mask"][:, -1].all()  # left padding: every prompt ends at the last column
+
+
+def test_the_training_scripts_processor_is_the_shipped_one(toy):
+    built = toy_llava_processor()
+    texts = [f"<image> {s.question} {s.answers[0]}</s>" for s in generate_samples("test", 8)]
+    images = [s.image for s in generate_samples("test", 8)]
+    ours = built(images=images, text=texts, padding=True, return_tensors="pt")
+    shipped = toy.processor(images=images, text=texts, padding=True, return_tensors="pt")
+    assert ours.keys() == shipped.keys()
+    assert all(torch.equal(ours[k], shipped[k]) for k in ours)
+    assert built.tokenizer.get_vocab() == toy.processor.tokenizer.get_vocab()
 
 
 def test_processor_neither_resizes_nor_crops_the_generated_images(toy):

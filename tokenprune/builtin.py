@@ -14,10 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, BatchFeature, LlavaForConditionalGeneration, ProcessorMixin
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    AutoProcessor,
+    BatchFeature,
+    CLIPImageProcessor,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
 
 from tokenprune.errors import ConfigError
-from tokenprune.toyvqa import Split, VQASample, generate_samples, normalize_answer
+from tokenprune.toyvqa import (
+    IMAGE_SIZE,
+    PATCH_SIZE,
+    Split,
+    VQASample,
+    generate_samples,
+    normalize_answer,
+    vocabulary,
+)
 
 TOY_LLAVA_DIR = Path(__file__).parent / "data" / "toy-llava"
 BUILTIN_MODEL_DIRS = {"builtin:toy-llava": TOY_LLAVA_DIR}
@@ -86,3 +103,44 @@ def vqa_accuracy(predictions: Sequence[str], samples: Sequence[VQASample]) -> fl
         for p, s in zip(predictions, samples, strict=True)
     )
     return hits / len(samples)
+
+
+TOY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")  # ids 0-4; <image> 3, as in tokenprune.toy
+
+
+def word_tokenizer(
+    tokens: Sequence[str], special: Sequence[str], bos_first: bool = True
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: `tokens[i]` has id i (`<pad>`, `<s>`, `</s>`, `<unk>` among them).
+
+    Lowercased, split on whitespace and punctuation, padded on the left; `special` are the extra
+    special tokens (image placeholders); `bos_first` prepends `<s>` to every text.
+    """
+    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(tokens)}, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos_first:
+        bos = tokens.index("<s>")
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=list(special),
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def toy_llava_processor() -> LlavaProcessor:
+    """The toy LLaVA's processor: the task's words, `<image>` expanded to the 144 patch features (no CLS)."""
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(size=size, crop_size=size, do_center_crop=False),
+        tokenizer=word_tokenizer([*TOY_SPECIAL_TOKENS, *vocabulary()], ["<image>"]),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )

@@ -25,9 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -36,7 +34,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tokenprune.builtin import TOY_LLAVA_DIR, BuiltinModel, answer_questions, vqa_accuracy
+from tokenprune.builtin import (
+    TOY_LLAVA_DIR,
+    BuiltinModel,
+    answer_questions,
+    toy_llava_processor,
+    vqa_accuracy,
+)
 from tokenprune.toyvqa import (
     COUNTS,
     GRID,
@@ -46,7 +50,6 @@ from tokenprune.toyvqa import (
     count_question,
     generate_samples,
     object_questions,
-    vocabulary,
 )
 
 SEED = 0
@@ -62,42 +65,6 @@ HELDOUT = 512  # test samples (seed 0) scored after training
 PROMPT = "<image> {question}"
 TURN = " {question} {answer}</s>"  # "<image>" + TURN without the answer is PROMPT
 TURNS = 4
-SPECIAL = ("<pad>", "<s>", "</s>", "<image>", "<unk>")  # ids 0-4; the image is 3, as in tokenprune.toy
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the task's words: lowercases, splits punctuation, prepends <s>."""
-    words = [*SPECIAL, *vocabulary()]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=["<image>"],
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-    )
-
-
-def build_processor() -> LlavaProcessor:
-    """A LLaVA processor whose `<image>` expands to the 144 patch features the model keeps (no CLS)."""
-    image_processor = CLIPImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_center_crop=False,
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
 
 
 def build_model(processor: LlavaProcessor) -> LlavaForConditionalGeneration:
@@ -284,7 +251,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=TOY_LLAVA_DIR)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    processor = build_processor()
+    processor = toy_llava_processor()
     model = build_model(processor)
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f} M parameters", flush=True)
