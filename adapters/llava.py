@@ -66,18 +66,25 @@ class LlavaAdapter(ConditionalGenerationAdapter):
             return [Segment(sample, positions, grid_coords(side, side), (1, side, side))]
         return [Segment(sample, positions, *line_coords(n))]
 
-    def vision_tower(self) -> VisionTower | None:
+    def vision_towers(self) -> tuple[VisionTower, ...]:
         """The CLIP encoder up to `vision_feature_layer` (one int layer, class token dropped: "default")."""
         config = self.model.config
-        feature = config.vision_feature_layer
-        if config.vision_feature_select_strategy != "default" or not isinstance(feature, int) or feature == 0:
+        if config.vision_feature_select_strategy != "default":
+            return ()
+        tower = self.clip_tower(self.base_model().vision_tower, config.image_token_id)
+        return () if tower is None else (tower,)
+
+    def clip_tower(self, tower: Any, placeholder_id: int, keeps_prefix: bool = False) -> VisionTower | None:
+        """A CLIP vision model read at `vision_feature_layer` (an int, not the embeddings); None otherwise."""
+        feature = self.model.config.vision_feature_layer
+        if not isinstance(feature, int) or feature == 0:
             return None
-        tower = self.base_model().vision_tower
         layers = tower.encoder.layers
         # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k - 1
         feature_layer = len(layers) + feature if feature < 0 else feature - 1
         side = self.patch_side()
-        return VisionTower(layers, feature_layer, 1, (side, side), self.base_model().multi_modal_projector)
+        projector = self.base_model().multi_modal_projector
+        return VisionTower(layers, feature_layer, 1, (side, side), projector, placeholder_id, keeps_prefix)
 
     def patch_side(self) -> int:
         """Patches per side of one vision-tower input."""

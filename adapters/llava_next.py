@@ -27,14 +27,15 @@ class LlavaNextAdapter(LlavaAdapter):
 
     name = "llava_next"
     no_vision_tower = (
-        "anyres tiles are unpadded and joined by newline tokens after the projector, "
-        "so a per-patch vision site does not map onto its placeholders yet"
+        "its anyres tiles reach the language model unpadded, in a layout that depends on each image's size, "
+        "and generate() encodes the images without passing `image_sizes` on, so the tiles' patches cannot "
+        "be matched exactly to their placeholders"
     )
     model_types = ("llava_next",)
 
-    def vision_tower(self) -> VisionTower | None:
-        """None: see `no_vision_tower`."""
-        return None
+    def vision_towers(self) -> tuple[VisionTower, ...]:
+        """No tower: see `no_vision_tower`."""
+        return ()
 
     def tokens_per_image(self, inputs: dict[str, Any], placeholders: Tensor) -> list[int]:
         return [self._base_count() + rows * (cols + 1) for rows, cols in self._high_res_shapes(inputs)]

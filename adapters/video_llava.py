@@ -40,15 +40,17 @@ class VideoLlavaAdapter(LlavaAdapter):
     """Adapter for Video-LLaVA models: one patch volume and one class-token column per video."""
 
     name = "video_llava"
-    no_vision_tower = (
-        "images and videos go through two towers whose features are joined per frame, "
-        "so a per-patch vision site does not map onto its placeholders yet"
-    )
     model_types = ("video_llava",)
 
-    def vision_tower(self) -> VisionTower | None:
-        """None: see `no_vision_tower`."""
-        return None
+    def vision_towers(self) -> tuple[VisionTower, ...]:
+        """The image tower (class token dropped unless "full") and the video tower (frames keep theirs)."""
+        config, model = self.model.config, self.base_model()
+        full = config.vision_feature_select_strategy == "full"
+        towers = (
+            self.clip_tower(model.image_tower, config.image_token_id, keeps_prefix=full),
+            self.clip_tower(model.video_tower, config.video_token_id, keeps_prefix=True),
+        )
+        return tuple(tower for tower in towers if tower is not None)
 
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
         inputs = _renamed_image_pixels(inputs)

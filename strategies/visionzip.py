@@ -12,12 +12,11 @@ contextual; the class token is protected (never a candidate; LLaVA drops it befo
 Position policy: a contextual token is its target: it stays at the target's patch slot (and so at
 the target's placeholder and position in the language model); its members' slots are removed.
 
-Deviations: the reference sets a contextual token to `target + mean(members)`; here the core's
-merge makes it the size-weighted average of the target and its members (`tokenprune.merging`, the
-one place every merging strategy averages), so the reference's quirk is not reproduced. The
-reference also passes the class token to the projector and counts it among the dominant tokens
-(64 = CLS + 53 + 10); here the class token is dropped as LLaVA does and the budget counts patches
-(64 = 54 + 10).
+A contextual token is `target + mean(members)`, as the reference code computes it (the paper's
+text speaks of merging; `contextual_merge: average` gives the size-weighted average of the target
+and its members instead). Deviation: the reference also passes the class token to the projector
+and counts it among the dominant tokens (64 = CLS + 53 + 10); here the class token is dropped as
+LLaVA does and the budget counts patches (64 = 54 + 10).
 
 Parameters:
 - `contextual_share` (default 10/64): the share of the budget given to contextual tokens,
@@ -25,11 +24,13 @@ Parameters:
   64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30. 0: dominant tokens only, the rest dropped (FasterVLM).
 - `proportional_attention` (default False): add log(size) to the attention logits of contextual
   tokens in later layers; the reference does not.
+- `contextual_merge` (default `target_plus_mean`, the reference's): how a contextual token takes in
+  its members; `average` for the size-weighted average.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,11 @@ class VisionZipParams(BaseModel):
         10 / 64, ge=0.0, le=1.0, description="share of the budget kept as contextual (merged) tokens"
     )
     proportional_attention: bool = Field(False, description="add log(size) to contextual tokens' logits")
+    contextual_merge: Literal["target_plus_mean", "average"] = Field(
+        "target_plus_mean",
+        description="a contextual token: its target plus its members' mean (the reference code), or the "
+        "size-weighted average of them all",
+    )
 
 
 def split_counts(budget: Tensor, share: float) -> tuple[Tensor, Tensor]:
@@ -115,4 +121,6 @@ class VisionZip(Reducer):
         part = torch.where(dominant, 1, torch.where(targets, 2, 0))
         slots = torch.arange(view.positions.shape[1], device=part.device)
         rank = part * view.positions.shape[1] + slots
-        return Merge(dominant | targets, into, rank, self.params.proportional_attention)
+        return Merge(
+            dominant | targets, into, rank, self.params.proportional_attention, self.params.contextual_merge
+        )

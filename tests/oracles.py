@@ -213,6 +213,21 @@ def assert_kept_logits_match(logits: Tensor, expected: Tensor, kept: Tensor, tol
         assert (logits[b, row] - expected[b, row]).abs().max() <= tol
 
 
+def tower_mask_hooks(layers, event) -> list:
+    """Vision-tower layers after `event`'s hide the tokens it removed, as keys (a full-length run)."""
+    n_items, total = event.groups.shape
+    kept = torch.zeros(n_items, total, dtype=torch.bool)
+    for item, row in enumerate(event.kept):
+        kept[item, row] = True
+    hidden = torch.finfo(torch.float32).min
+    mask = torch.zeros(n_items, 1, 1, total).masked_fill(~kept[:, None, None, :], hidden)
+
+    def hook(module, args):
+        return (args[0], mask, *args[2:])
+
+    return [layer.register_forward_pre_hook(hook) for layer in layers[event.layer + 1 :]]
+
+
 @contextmanager
 def hooked(handles: list) -> Iterator[None]:
     """Run the body with these oracle hooks in place, and remove them afterwards whatever happens."""

@@ -141,20 +141,25 @@ def test_r_and_a_budget_together_are_refused():
         tp.ReductionConfig(strategy="tome", ratio=0.5, params={"r": 4})
 
 
-def test_a_merge_into_a_removed_token_is_refused(llava_sdpa):
+@pytest.mark.parametrize(
+    ("into_text", "combine", "message"),
+    [(True, "average", r"Merge\.into"), (False, "sum", r"Merge\.combine 'sum' is not one of")],
+)
+def test_a_broken_merge_is_refused(llava_sdpa, into_text, combine, message):
     class Broken(tp.Reducer):
         merges = True
 
         def select(self, view):
             keep = tp.strategy_class("uniform")().select(view)
-            into = torch.where(view.candidates & ~keep, 0, -1)  # slot 0 is text, not a kept candidate
-            return tp.Merge(keep, into)
+            nearest = torch.where(keep, torch.arange(keep.shape[1]), -1).cummax(dim=1).values
+            into = torch.where(view.candidates & ~keep, 0 if into_text else nearest, -1)  # slot 0 is text
+            return tp.Merge(keep, into, combine=combine)
 
     tp.register_strategy("broken_merge_test")(Broken)
     try:
         with (
             tp.attach(llava_sdpa, tp.ReductionConfig(strategy="broken_merge_test", layer=1, ratio=0.5)),
-            pytest.raises(tp.StrategyError, match=r"Merge\.into"),
+            pytest.raises(tp.StrategyError, match=message),
         ):
             forward(llava_sdpa, llava_inputs([Prompt([2, 2], 1)]))
     finally:

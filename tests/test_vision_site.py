@@ -21,6 +21,7 @@ from oracles import (
     llava_inputs,
     oracle_masks,
     recomputed_greedy,
+    tower_mask_hooks,
 )
 
 import tokenprune as tp
@@ -52,22 +53,6 @@ def forward(model, inputs):
     return model(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False)
 
 
-def vision_mask_hooks(model, event) -> list:
-    """Later vision layers hide the patches the vision stage removed, as keys (full-length run)."""
-    layers = model.model.vision_tower.encoder.layers
-    n_images, total = event.groups.shape
-    kept = torch.zeros(n_images, total, dtype=torch.bool)
-    for image, row in enumerate(event.kept):
-        kept[image, row] = True
-    hidden = torch.finfo(torch.float32).min
-    mask = torch.zeros(n_images, 1, 1, total).masked_fill(~kept[:, None, None, :], hidden)
-
-    def hook(module, args):
-        return (args[0], mask, *args[2:])
-
-    return [layer.register_forward_pre_hook(hook) for layer in layers[event.layer + 1 :]]
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("strategy", PRUNING)
 @given(batch=st.lists(prompts, min_size=1, max_size=3), layer=st.integers(0, 1), ratio=st.floats(0.1, 0.9))
@@ -81,7 +66,8 @@ def test_pruning_in_the_tower_matches_the_mask_oracle(llava3, strategy, batch, l
     removed = valid.clone()
     for b, row in enumerate(language_event.kept):
         removed[b, row[row >= 0]] = False
-    handles = vision_mask_hooks(llava3, tower_event) + oracle_masks(llava3, [(0, removed)], valid)
+    tower = llava3.model.vision_tower.encoder.layers
+    handles = tower_mask_hooks(tower, tower_event) + oracle_masks(llava3, [(0, removed)], valid)
     with hooked(handles):
         expected = forward(llava3, inputs).logits
     assert_kept_logits_match(logits, expected, language_event.kept, LOGIT_TOL)

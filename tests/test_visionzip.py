@@ -3,8 +3,9 @@
 On hand-built views: the selection equals an independent transcription of the reference's steps
 (top-D class attention, strided targets among the rest, argmax cosine of keys), the budget is
 exact for every budget and split, and every removed patch lands in exactly one contextual token.
-Through LLaVA's tower (`site: vision`, SDPA): the projector receives the plain averages of each
-contextual group (tolerance 1e-5), sources partition the patches, generate on a left-padded batch
+Through LLaVA's tower (`site: vision`, SDPA): the projector receives each contextual token as the
+reference computes it, target + mean(members), or with `contextual_merge: average` the plain
+average of the group (tolerance 1e-5), sources partition the patches, generate on a left-padded batch
 with the KV cache equals recomputation; on a timm ViT inside a block; refused on Qwen2-VL.
 """
 
@@ -150,16 +151,30 @@ def test_params_are_validated():
         in_the_tower(8, dominant=54)
 
 
+def contextual_token(features: torch.Tensor, target: int, members: torch.Tensor, rule: str) -> torch.Tensor:
+    """What a kept patch becomes: `target + mean(others)` (the reference) or the mean of them all."""
+    others = members[members != target]
+    if rule == "average" or len(others) == 0:
+        return features[members].mean(dim=0)
+    return features[target] + features[others].mean(dim=0)
+
+
 @torch.no_grad()
-@given(keep=st.integers(1, 36), share=st.sampled_from([10 / 64, 0.5]))
-def test_in_llava_the_projector_gets_plain_averages(llava_sdpa, keep, share):
+@given(
+    keep=st.integers(1, 36),
+    share=st.sampled_from([10 / 64, 0.5]),
+    rule=st.sampled_from(["target_plus_mean", "average"]),
+)
+def test_in_llava_the_projector_gets_the_contextual_tokens(llava_sdpa, keep, share, rule):
     """Toy LLaVA (feature layer 0): the stage's output is the projector's input. Each kept patch is
-    itself (dominant) or the mean of its target and members (contextual); sources partition."""
+    itself (dominant) or its contextual token: by default its target plus the mean of its members
+    (the reference code), with `average` the mean of them all; sources partition."""
     model = llava_sdpa
     inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
     features = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[1]
     received = []
-    with tp.attach(model, in_the_tower(keep, contextual_share=share)) as handle:
+    reduction = in_the_tower(keep, contextual_share=share, contextual_merge=rule)
+    with tp.attach(model, reduction) as handle:
         hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: received.append(a[0]))
         try:
             model(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False)
@@ -176,7 +191,7 @@ def test_in_llava_the_projector_gets_plain_averages(llava_sdpa, keep, share):
     for image in range(3):
         for holder in tower.kept[image, 1:].tolist():
             members = (groups[image] == holder).nonzero().squeeze(1)
-            expected = features[image, members].mean(dim=0)
+            expected = contextual_token(features[image], holder, members, rule)
             assert (projected[image, holder - 1] - expected).abs().max() <= TOL
     # the language model starts with the kept placeholders only, their sizes carried on
     visual = (inputs["input_ids"] == IMAGE_TOKEN_ID) & inputs["attention_mask"].bool()

@@ -89,11 +89,12 @@ class Adapter(BaseAdapter):
         """
         return None
 
-    no_vision_tower: ClassVar[str] = "it does not describe its vision encoder"  # why vision_tower() is None
+    no_vision_tower: ClassVar[str] = "it does not describe its vision encoder"  # why vision_towers() is empty
 
-    def vision_tower(self) -> VisionTower | None:
-        """The vision encoder that `site: vision` stages reduce, or None (saying why in `no_vision_tower`)."""
-        return None
+    def vision_towers(self) -> tuple[VisionTower, ...]:
+        """The vision encoders that `site: vision` stages reduce (each its own items), or none, saying why
+        in `no_vision_tower`."""
+        return ()
 
     def continued_position_ids(self, positions: Tensor, inputs: dict[str, Any]) -> Tensor:
         """Position ids of new tokens at sequence `positions` [1, q] after a prompt reduced at layer 0.

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.adapter import BaseAdapter
 from tokenprune.errors import ConfigError, InputError
 from tokenprune.layout import grid_coords
-from tokenprune.merging import follow_groups, initial_groups, key_bias, merge_average
+from tokenprune.merging import follow_groups, initial_groups, key_bias, merge_tokens
 from tokenprune.reducer import Merge, Reducer, Signals, SignalUnavailable, TokenView
 from tokenprune.schedule import schedule_stages
 from tokenprune.selection import check_selection, check_strategy_site, reduction_event, selection_parts
@@ -127,7 +127,7 @@ class GridTokens:
         check_selection(type(self.reducer).__name__, keep, view, merge)
         sizes = self.sizes
         if merge is not None:
-            x, sizes = merge_average(x, view.token_sizes(), merge.into)
+            x, sizes = merge_tokens(x, view.token_sizes(), merge)
             self.proportional = merge.proportional_attention
         survive = ~view.candidates | keep
         inner = _ordered(survive, self._rank(merge))

@@ -7,10 +7,15 @@ current sequence, N tokens of the original one.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from tokenprune.sequence import gather_tokens, left_aligned_index
+
+if TYPE_CHECKING:
+    from tokenprune.reducer import Merge
 
 
 def merge_average(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,6 +38,31 @@ def merge_average(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tensor, Tenso
     received = torch.zeros_like(into).scatter_add_(1, target, joined.long()) > 0
     merged = torch.where(received[..., None], (total / weight[..., None]).to(x.dtype), x)
     return merged, torch.where(received, weight, sizes.float())
+
+
+def merge_target_plus_mean(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tensor, Tensor]:
+    """Each survivor that receives members becomes itself plus their size-weighted mean (VisionZip's code).
+
+    Shapes and sizes as `merge_average` (`sizes` sum at destinations); computed in float32.
+    """
+    joined = into >= 0
+    if not bool(joined.any()):
+        return x, sizes
+    batch, length, width = x.shape
+    target = into.clamp(min=0)
+    weights = sizes.float() * joined
+    total = torch.zeros(batch, length, width, dtype=torch.float32, device=x.device)
+    total.scatter_add_(1, target[..., None].expand(-1, -1, width), x.float() * weights[..., None])
+    received = torch.zeros_like(weights).scatter_add_(1, target, weights)
+    mean = total / received.clamp(min=1e-12)[..., None]
+    merged = torch.where((received > 0)[..., None], (x.float() + mean).to(x.dtype), x)
+    return merged, sizes.float() + received
+
+
+def merge_tokens(x: Tensor, sizes: Tensor, merge: Merge) -> tuple[Tensor, Tensor]:
+    """The survivors of `merge` with their members taken in by its `combine` rule, and their new sizes."""
+    combine = merge_average if merge.combine == "average" else merge_target_plus_mean
+    return combine(x, sizes, merge.into)
 
 
 def key_bias(sizes: Tensor | None) -> Tensor | None:

@@ -128,8 +128,10 @@ class Merge:
     - rank  [B, L] long or None  where token order is free (a ViT), survivors are laid out by
             increasing rank, ties by slot; sequence order is kept where it carries meaning
     - proportional_attention  add log(size) to each merged key's attention logits later on
+    - combine  how a survivor takes in its members: `"average"`, the size-weighted average of it and
+            them (ToMe); `"target_plus_mean"`, itself plus their size-weighted mean (VisionZip's code)
 
-    The core does the rest once for every merging strategy: size-weighted averages, sizes carried
+    The core does the rest once for every merging strategy: the merged features, sizes carried
     through later stages, proportional attention masks and source tracking.
     """
 
@@ -137,6 +139,7 @@ class Merge:
     into: Tensor
     rank: Tensor | None = None
     proportional_attention: bool = True
+    combine: Literal["average", "target_plus_mean"] = "average"
 
 
 class Reducer(ABC):

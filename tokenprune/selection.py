@@ -70,11 +70,17 @@ def check_selection(name: str, keep: Tensor, view: TokenView, merge: Merge | Non
             f"{name}.select kept {per_group.tolist()} per {unit}, the budget is {budget.tolist()}"
         )
     if merge is not None:
-        _check_merge(name, keep, view, merge.into)
+        _check_merge(name, keep, view, merge)
 
 
-def _check_merge(name: str, keep: Tensor, view: TokenView, into: Tensor) -> None:
-    """A merge moves removed candidates into kept candidates, nothing else."""
+MERGE_RULES = ("average", "target_plus_mean")
+
+
+def _check_merge(name: str, keep: Tensor, view: TokenView, merge: Merge) -> None:
+    """A merge moves removed candidates into kept candidates, nothing else, by a known rule."""
+    if merge.combine not in MERGE_RULES:
+        raise StrategyError(f"{name}: Merge.combine {merge.combine!r} is not one of {', '.join(MERGE_RULES)}")
+    into = merge.into
     if into.shape != keep.shape or into.dtype != torch.long:
         raise StrategyError(
             f"{name}: Merge.into must be long {tuple(keep.shape)}, got {into.dtype} {tuple(into.shape)}"

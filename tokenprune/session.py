@@ -24,7 +24,7 @@ from tokenprune.adapter import Adapter
 from tokenprune.config import ReductionConfig, Stage
 from tokenprune.errors import AttachError, ConfigError, InputError
 from tokenprune.layout import VisualLayout
-from tokenprune.merging import follow_groups, initial_groups, key_bias, merge_average
+from tokenprune.merging import follow_groups, initial_groups, key_bias, merge_tokens
 from tokenprune.probe import AttentionInputs
 from tokenprune.reducer import Reducer, Signals, TokenView, group_counts
 from tokenprune.selection import (
@@ -41,7 +41,7 @@ from tokenprune.sequence import (
     left_aligned_index,
     scatter_tokens,
 )
-from tokenprune.vision import VisionSite, image_slots
+from tokenprune.vision import VisionSite
 
 
 @dataclass
@@ -82,6 +82,8 @@ class _Pass:
     probe_inputs: dict[int, Any] = field(default_factory=dict)
     restore: Tensor | None = None
     groups: Tensor | None = None  # [B, N] source map (see ReductionEvent.groups)
+    vision_slots: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per vision site: (item, token)
+    vision_events: list[ReductionEvent] = field(default_factory=list)  # of the towers handed off
     proportional: bool = False  # a merge asked for proportional attention
     events: list[ReductionEvent] = field(default_factory=list)
 
@@ -108,7 +110,7 @@ class Session:
         self.stages: dict[int, Stage] = {s.layer: s for s in config.stages if s.site == "language"}
         if self.stages:
             check_strategy_site(reducer, "language")
-        self.vision = self._vision_site([s for s in config.stages if s.site == "vision"])
+        self.visions = self._vision_sites([s for s in config.stages if s.site == "vision"])
         self.first_layer = min(self.stages)
         self.trace: list[ReductionEvent] = []
         self._pass: _Pass | None = None
@@ -116,18 +118,18 @@ class Session:
         self._handles: list[RemovableHandle] = []
         self._entry_params = list(_forward_parameters(adapter.entry_module()))
 
-    def _vision_site(self, stages: list[Stage]) -> VisionSite | None:
-        """Stages in the vision tower, handed to the language model at layer 0."""
+    def _vision_sites(self, stages: list[Stage]) -> list[VisionSite]:
+        """Stages in each vision tower, handed to the language model at layer 0."""
         if not stages:
-            return None
-        tower = self.adapter.vision_tower()
-        if tower is None:
+            return []
+        towers = self.adapter.vision_towers()
+        if not towers:
             name, why = self.adapter.name, self.adapter.no_vision_tower
             raise AttachError(f"adapter {name!r} exposes no vision tower for `site: vision` stages: {why}")
         if 0 in self.stages:
             raise ConfigError("`site: vision` stages hand their result to layer 0: no language stage there")
         self.stages[0] = HANDOFF
-        return VisionSite(tower, stages, self.reducer, self.config.token_order)
+        return [VisionSite(tower, stages, self.reducer, self.config.token_order) for tower in towers]
 
     # -- attaching -------------------------------------------------------------------------
 
@@ -141,8 +143,8 @@ class Session:
         for index in range(self.first_layer, len(layers)):
             self._hook_pre(layers[index], self._layer_hook(index))
         self._handles.append(layers[-1].register_forward_hook(self._on_last_layer))
-        if self.vision is not None:
-            self._handles += self.vision.install()
+        for site in self.visions:
+            self._handles += site.install()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -165,6 +167,8 @@ class Session:
         if padding is not None and padding.ndim != 2:
             raise InputError("tokenprune needs a 2-D attention mask [batch, length] (or none), not a 4-D one")
         self._pass = _Pass(layout=layout, padding_mask=padding)
+        if layout is not None:
+            self._pass.vision_slots = [site.tower.slots(inputs["input_ids"]) for site in self.visions]
         continued = self._continued_positions(inputs, length)
         return None if continued is None else (args, {**kwargs, "position_ids": continued})
 
@@ -187,7 +191,7 @@ class Session:
         finished = self._pass
         self._pass = None
         if finished is not None and finished.mode == "prefill":
-            self.trace = (self.vision.events if self.vision is not None else []) + finished.events
+            self.trace = finished.vision_events + finished.events
 
     # -- decoder layers -------------------------------------------------------------------------
 
@@ -289,7 +293,7 @@ class Session:
             check_selection(type(self.reducer).__name__, keep, view, merge)
             into = None if merge is None else merge.into
             if merge is not None:
-                hidden, sizes = merge_average(hidden, view.token_sizes(), merge.into)
+                hidden, sizes = merge_tokens(hidden, view.token_sizes(), merge)
                 state.proportional = merge.proportional_attention
         survive = (valid & ~view.candidates) | keep
         inner = left_aligned_index(survive)
@@ -305,26 +309,30 @@ class Session:
         return gather_tokens(hidden, inner, 1)
 
     def _handoff(self, state: _Pass, view: TokenView) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(keep, into, sizes) at layer 0 from the vision tower's reductions of this forward's images.
+        """(keep, into, sizes) at layer 0 from the vision towers' reductions of this forward's items.
 
         Layer 0 sees the input sequence, so slots are original positions; the merged features already
         sit at their destination's slot, so nothing is averaged again here.
         """
-        handoff = self.vision.handoff()
-        if handoff is None:  # no image in this forward
-            return view.candidates, None, None
-        image, patch = image_slots(state.layout, view.valid, self.vision.tower.grid)
-        visual = image >= 0
-        image, patch = image.clamp(min=0), patch.clamp(min=0)
-        keep = handoff.survive[image, patch] & view.candidates
-        position_of = torch.full_like(handoff.holder, -1)
-        position_of[image[visual], patch[visual]] = view.positions[visual]
-        holder = handoff.holder[image, patch]
-        into = position_of[image, holder.clamp(min=0)].masked_fill(keep | ~view.candidates | (holder < 0), -1)
-        if handoff.sizes is None:
-            return keep, into, None
-        state.proportional = handoff.proportional
-        return keep, into, torch.where(visual, handoff.sizes[image, patch], 1.0)
+        keep, into, sizes = view.candidates, torch.full_like(view.positions, -1), None
+        for site, (item, token) in zip(self.visions, state.vision_slots, strict=True):
+            placed = (item >= 0) & view.valid
+            if not bool(placed.any()):
+                continue
+            handoff = site.handoff()
+            if handoff is None:
+                raise InputError(
+                    "`site: vision` stages need the vision tower to encode this forward's images while "
+                    "attached: pass pixel values, not features encoded beforehand"
+                )
+            state.vision_events += site.events
+            selection = handoff.select(item, token, placed, view.candidates, view.positions)
+            keep = torch.where(placed, selection[0], keep)
+            into = torch.where(placed, selection[1], into)
+            if selection[2] is not None:
+                sizes = torch.where(placed, selection[2], 1.0 if sizes is None else sizes)
+                state.proportional = state.proportional or handoff.proportional
+        return keep, into, sizes
 
     def _view(
         self, state: _Pass, stage: Stage, hidden: Tensor, index: Tensor, valid: Tensor, sizes: Tensor | None

@@ -20,7 +20,6 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.encoder import GridTokens, check_site_layers
 from tokenprune.errors import ConfigError, InputError
-from tokenprune.layout import VisualLayout
 from tokenprune.reducer import Reducer
 from tokenprune.selection import check_strategy_site
 
@@ -34,12 +33,14 @@ VISION_SIGNALS = frozenset({"keys", "attention"})
 
 @dataclass(frozen=True)
 class VisionTower:
-    """What an adapter exposes of its vision encoder for `site: vision` stages.
+    """What an adapter exposes of one vision encoder for `site: vision` stages.
 
     `layers`: encoder layers whose `self_attn` has `q_proj`, `k_proj`, `num_heads`, `head_dim` and
     `scale`, each returning its hidden states; `feature_layer`: the layer whose output feeds the
     projector (LLaVA's `vision_feature_layer=-2`: the penultimate); `prefix_tokens`: leading tokens
-    dropped before the projector (the class token); `projector`: its input is [images, patches, D].
+    (the class token), never reduced; `projector`: its input is [items, tokens, D]. The features of
+    item i fill the i-th run of `placeholder_id` tokens of the batch (row-major): the patches only, or
+    with `keeps_prefix` the prefix tokens too (Video-LLaVA's video frames keep their class token).
     """
 
     layers: Sequence[nn.Module]
@@ -47,20 +48,55 @@ class VisionTower:
     prefix_tokens: int
     grid: tuple[int, int]
     projector: nn.Module
+    placeholder_id: int
+    keeps_prefix: bool = False
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Placeholders one item (an image, a frame) fills in the language model's input."""
+        return self.grid[0] * self.grid[1] + (self.prefix_tokens if self.keeps_prefix else 0)
+
+    def slots(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(item, token) [B, N] of each placeholder of this tower: its vision-batch item and token index
+        in the tower's sequence (prefix included); -1 elsewhere. Placeholders fill row-major."""
+        placeholders = input_ids == self.placeholder_id
+        order = torch.cumsum(placeholders.flatten(), 0).view_as(input_ids) - 1
+        first_token = 0 if self.keeps_prefix else self.prefix_tokens
+        item = torch.div(order, self.tokens_per_item, rounding_mode="floor").masked_fill(~placeholders, -1)
+        token = (order % self.tokens_per_item + first_token).masked_fill(~placeholders, -1)
+        return item, token
 
 
 @dataclass
 class Handoff:
-    """What the language model's layer 0 receives for one forward, per image of the vision batch.
+    """What the language model's layer 0 receives from one tower for one forward, per item.
 
-    survive [I, P] bool: patches whose token stays; holder [I, P] long: the patch now holding each
-    patch (itself, the one it merged into, -1 once dropped); sizes [I, P] float or None.
+    Over the tower's tokens [I, L] (prefix included): survive bool, the token stays; holder long, the
+    token now holding it (itself, the one it merged into, -1 once dropped); sizes float or None.
     """
 
     survive: Tensor
     holder: Tensor
     sizes: Tensor | None
     proportional: bool
+
+    def select(
+        self, item: Tensor, token: Tensor, placed: Tensor, candidates: Tensor, positions: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(keep, into, sizes) [B, N] for the sequence tokens `placed` [B, N] at (item, token).
+
+        `keep` and `into` concern the `candidates` among them; `into` is the sequence position of the
+        token a merged one joined (-1: kept, dropped, or not a candidate).
+        """
+        item, token = item.clamp(min=0), token.clamp(min=0)
+        keep = self.survive[item, token] & placed & candidates
+        position_of = torch.full_like(self.holder, -1)
+        position_of[item[placed], token[placed]] = positions[placed]
+        holder = self.holder[item, token]
+        dropped_or_kept = keep | ~(placed & candidates) | (holder < 0)
+        into = position_of[item, holder.clamp(min=0)].masked_fill(dropped_or_kept, -1)
+        sizes = None if self.sizes is None else torch.where(placed, self.sizes[item, token], 1.0)
+        return keep, into, sizes
 
 
 class VisionSite:
@@ -82,6 +118,8 @@ class VisionSite:
         self.reducer = reducer
         self.token_order = token_order
         self.tokens: GridTokens | None = None
+        self.to_project = False  # the tower's latest output has not reached the projector yet
+        self.to_hand_off = False  # nor the language model
 
     @property
     def events(self) -> list[ReductionEvent]:
@@ -103,24 +141,25 @@ class VisionSite:
         return handles
 
     def _start(self, module: nn.Module, args: tuple) -> None:
-        """The tower encodes new images (in the forward, or before prefill in `generate`): start afresh."""
+        """The tower encodes new items (in the forward, or before prefill in `generate`): start afresh."""
         self.tokens = None
+        self.to_project = self.to_hand_off = True
 
     def handoff(self) -> Handoff | None:
-        """The selection for the language model from the tower's latest images (None before any)."""
+        """The selection for the language model from the tower's latest items, once per tower run.
+
+        None when the tower has not run since the last handoff (the features came from elsewhere).
+        """
         tokens = self.tokens
-        if tokens is None or tokens.index is None:
+        if not self.to_hand_off or tokens is None or tokens.index is None:
             return None
-        prefix, n_images = self.tower.prefix_tokens, tokens.index.shape[0]
-        patches = torch.arange(tokens.n_patches, device=tokens.index.device)
-        survive = (tokens.groups[:, prefix:] == patches + prefix) & (tokens.groups[:, prefix:] >= 0)
-        holder = (tokens.groups[:, prefix:] - prefix).masked_fill(tokens.groups[:, prefix:] < 0, -1)
+        self.to_hand_off = False
+        everything = torch.arange(tokens.protected + tokens.n_patches, device=tokens.index.device)
         sizes = None
         if tokens.sizes is not None:
-            sizes = torch.ones(n_images, tokens.n_patches, device=survive.device)
-            slots = tokens.index[:, prefix:] - prefix
-            sizes.scatter_(1, slots, tokens.sizes[:, prefix:].float())
-        return Handoff(survive, holder, sizes, tokens.proportional)
+            sizes = torch.ones(tokens.groups.shape, device=tokens.index.device)
+            sizes.scatter_(1, tokens.index, tokens.sizes.float())
+        return Handoff(tokens.groups == everything, tokens.groups, sizes, tokens.proportional)
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -160,30 +199,18 @@ class VisionSite:
         return (args[0], bias, *args[2:])
 
     def _restore_slots(self, module: nn.Module, args: tuple) -> tuple | None:
-        """Features back at their original patch slots ([I, P, D]; removed slots are zeros)."""
+        """Features back at their original slots ([I, P, D], or [I, prefix + P, D] with `keeps_prefix`;
+        removed slots are zeros). A projector shared by several towers restores each tower's own call."""
         tokens = self.tokens
-        if tokens is None or tokens.index is None:
+        if not self.to_project or tokens is None or tokens.index is None:
             return None
-        features, prefix = args[0], self.tower.prefix_tokens
+        self.to_project = False
+        features, prefix = args[0], 0 if self.tower.keeps_prefix else self.tower.prefix_tokens
         slots = tokens.index[:, prefix:] - prefix
         if features.shape[1] != slots.shape[1]:
             raise InputError(
                 f"the projector received {features.shape[1]} features, the vision site kept {slots.shape[1]}"
             )
-        full = features.new_zeros(features.shape[0], tokens.n_patches, features.shape[-1])
+        full = features.new_zeros(features.shape[0], tokens.groups.shape[1] - prefix, features.shape[-1])
         full.scatter_(1, slots[..., None].expand(-1, -1, features.shape[-1]), features)
         return (full, *args[1:])
-
-
-def image_slots(layout: VisualLayout, valid: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """(image, patch) [B, N] of every visual token of a LLaVA-style layout (-1 elsewhere).
-
-    Images fill placeholders in batch order, so a sample's i-th image is the vision batch's
-    (images in earlier samples + i)-th.
-    """
-    per_sample = (layout.segment.max(dim=1).values + 1).clamp(min=0)
-    first = torch.cumsum(per_sample, dim=0) - per_sample
-    visual = layout.visual & valid
-    image = (first[:, None] + layout.segment).masked_fill(~visual, -1)
-    patch = (layout.coords[..., 1] * grid[1] + layout.coords[..., 2]).masked_fill(~visual, -1)
-    return image, patch
