@@ -74,7 +74,9 @@ class LlavaAdapter(ConditionalGenerationAdapter):
         tower = self.clip_tower(self.base_model().vision_tower, config.image_token_id)
         return () if tower is None else (tower,)
 
-    def clip_tower(self, tower: Any, placeholder_id: int, keeps_prefix: bool = False) -> VisionTower | None:
+    def clip_tower(
+        self, tower: Any, placeholder_id: int, keeps_prefix: bool = False, modality: str = "image"
+    ) -> VisionTower | None:
         """A CLIP vision model read at `vision_feature_layer` (an int, not the embeddings); None otherwise."""
         feature = self.model.config.vision_feature_layer
         if not isinstance(feature, int) or feature == 0:
@@ -84,7 +86,9 @@ class LlavaAdapter(ConditionalGenerationAdapter):
         feature_layer = len(layers) + feature if feature < 0 else feature - 1
         side = self.patch_side()
         projector = self.base_model().multi_modal_projector
-        return VisionTower(layers, feature_layer, 1, (side, side), projector, placeholder_id, keeps_prefix)
+        return VisionTower(
+            layers, feature_layer, 1, (side, side), projector, placeholder_id, keeps_prefix, modality
+        )
 
     def patch_side(self) -> int:
         """Patches per side of one vision-tower input."""

@@ -48,7 +48,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         full = config.vision_feature_select_strategy == "full"
         towers = (
             self.clip_tower(model.image_tower, config.image_token_id, keeps_prefix=full),
-            self.clip_tower(model.video_tower, config.video_token_id, keeps_prefix=True),
+            self.clip_tower(model.video_tower, config.video_token_id, keeps_prefix=True, modality="video"),
         )
         return tuple(tower for tower in towers if tower is not None)
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import tokenprune as tp
-from tokenprune.toy import toy_llava, toy_llava_next
+from tokenprune.toy import ToySize, toy_llava, toy_llava_next, toy_video_llava
 
 settings.register_profile(
     "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -37,6 +37,18 @@ def llava_eager():
 @pytest.fixture(scope="session", params=["sdpa", "eager"])
 def llava(request, llava_sdpa, llava_eager):
     return llava_sdpa if request.param == "sdpa" else llava_eager
+
+
+@pytest.fixture(scope="session")
+def llava3():
+    """A toy LLaVA whose CLIP tower has 3 layers: features come from layer 1 (vision_feature_layer=-2)."""
+    return toy_llava(ToySize(vision_layers=3))
+
+
+@pytest.fixture(scope="session")
+def video_llava3():
+    """Video-LLaVA whose towers have 3 layers: features come from layer 1 (vision_feature_layer=-2)."""
+    return toy_video_llava(ToySize(vision_layers=3))
 
 
 @pytest.fixture(scope="session")

@@ -117,6 +117,8 @@ def write_config(path: Path, checkpoint: Path, data: Path, **fields) -> Path:
         ({"strategies": ["fastv"], "sites": {"tome": {"layers": [1]}}}, "grid: sites.tome: 'tome' is not"),
         ({"strategies": ["fastv"], "sites": {"fastv": {"site": "projector"}}}, "grid.sites.fastv.site"),
         ({"strategies": ["fastv"], "sites": {"fastv": {"layers": [0]}}}, "grid: layers: fastv at layer 0"),
+        ({"strategies": ["fastv"], "sites": {"fastv": {"site": "vision"}}}, "give its `layers`"),
+        ({"strategies": ["fastv"], "sites": {"fastv": {"layers": [-1]}}}, "grid.sites.fastv: layers are"),
     ],
 )
 def test_bad_grids_name_the_file_and_field(tmp_path, grid, message):
@@ -208,6 +210,21 @@ def test_keeps_and_sites_place_each_strategy_at_its_own_budget_and_site(tmp_path
     ]
     vision = cells[-1].reduction.stages
     assert [(s.site, s.layer, s.keep) for s in vision] == [("vision", 0, 32)]
+
+
+def test_extra_cells_run_once_as_written_with_their_own_seed(tmp_path):
+    path = tmp_path / "grid.yaml"
+    extra = [
+        {"strategy": "random", "layer": 1, "keep": 9},
+        {"strategy": "random", "layer": 1, "keep": 9, "params": {"seed": 5}},
+    ]
+    path.write_text(yaml.safe_dump({"seeds": [0, 1, 2], "grid": {"strategies": ["fastv"], "extra": extra}}))
+    cells = expand_grid(load_ablation_config(path))[2:]
+    assert [(cell.label, cell.seed) for cell in cells] == [
+        ("random K=1 keep=9 seed=0", 0),
+        ("random K=1 keep=9 seed=5", 5),
+    ]
+    assert [cell.reduction.params["seed"] for cell in cells] == [0, 5]
 
 
 def test_a_grid_without_budgets_runs_half_the_tokens(tmp_path):

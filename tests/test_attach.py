@@ -62,6 +62,15 @@ def test_selection_timer_counts_each_selection_and_synchronizes_around_it():
         assert timer.seconds > first and len(synced) == 4
         timer.reset()
         assert timer.seconds == 0.0
+        with pytest.raises(tp.AttachError, match="already running"):
+            handle.time_selections()
+        timer.stop()
+        model(**inputs)
+        assert timer.seconds == 0.0 and len(synced) == 4  # stopped: the reducer's own select again
+        assert "select" not in vars(handle.reducer)
+        with handle.time_selections() as second:
+            model(**inputs)
+        assert second.seconds > 0.0 and "select" not in vars(handle.reducer)
 
 
 @torch.no_grad()

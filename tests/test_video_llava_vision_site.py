@@ -26,18 +26,11 @@ from oracles import (
 from test_video_llava import FRAME_TOKENS, IMAGE_TOKENS, SIDE, encoded, media_inputs, prompts_with
 
 import tokenprune as tp
-from tokenprune.toy import ToySize, toy_video_llava
 
 LOGIT_TOL = 1e-4
 IDENTITY_TOL = 1e-5
 VISION = [name for name in tp.strategies() if "vision" in tp.strategy_class(name).sites]
 PRUNING = [name for name in VISION if not tp.strategy_class(name).merges]
-
-
-@pytest.fixture(scope="module")
-def video_llava3():
-    """Video-LLaVA whose towers have 3 layers: features come from layer 1 (vision_feature_layer=-2)."""
-    return toy_video_llava(ToySize(vision_layers=3))
 
 
 def vision(strategy: str, layer: int, ratio: float) -> tp.ReductionConfig:

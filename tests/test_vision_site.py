@@ -1,5 +1,8 @@
 """`site: vision` stages: reductions inside LLaVA's CLIP tower, handed to the language model at layer 0.
 
+The last tests run on LLaVA and Video-LLaVA alike: text-only prompts, generate() without the cache,
+features the towers did not encode while attached, and beam search (refused with the reason).
+
 Oracle for pruning: the *unreduced* model where the later vision layers hide the removed patches
 as keys and the language model hides their placeholder tokens as keys from layer 0 on; the kept
 tokens' logits must match (max abs diff <= 1e-4, float32). ToMe in the tower: identity at ratio 0,
@@ -23,9 +26,10 @@ from oracles import (
     recomputed_greedy,
     tower_mask_hooks,
 )
+from test_video_llava import encoded, media_inputs
 
 import tokenprune as tp
-from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava
+from tokenprune.toy import IMAGE_TOKEN_ID
 
 LOGIT_TOL = 1e-4
 # Every installed strategy that acts in a vision encoder goes through these tests.
@@ -37,12 +41,6 @@ prompts = st.builds(
     st.lists(st.integers(1, 6), min_size=3, max_size=3),
     st.integers(1, 2),
 )
-
-
-@pytest.fixture(scope="module")
-def llava3():
-    """A toy LLaVA whose CLIP tower has 3 layers: features come from layer 1 (vision_feature_layer=-2)."""
-    return toy_llava(ToySize(vision_layers=3))
 
 
 def vision(strategy: str, layer: int, ratio: float) -> tp.ReductionConfig:
@@ -149,3 +147,58 @@ def test_vision_sites_are_refused_where_they_do_not_apply(llava3, llava_next):
         tp.attach(llava3, vision("dart", 0, 0.5))
     with pytest.raises(ValueError, match="come before"):
         tp.ReductionConfig(stages=[{"layer": 2, "ratio": 0.3}, {"site": "vision", "layer": 0, "ratio": 0.5}])
+
+
+# -- both VLMs with vision towers: LLaVA (one tower) and Video-LLaVA (two, one shared projector) ---------
+
+
+@pytest.fixture(params=["llava3", "video_llava3"])
+def towered(request) -> tuple:
+    """(model, media with a text-only sample, a text-only batch, other media of the same shapes)."""
+    model = request.getfixturevalue(request.param)
+    if request.param == "llava3":
+        media = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6], 0)])
+        text = llava_inputs([Prompt([5], 0), Prompt([2, 3], 0)])
+        other = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6], 0)], seed=7)
+    else:
+        media = media_inputs([[2, "video", 1, "image", 2], [1, "image", 3], [6]], frames=2)
+        text = media_inputs([[5], [2, 3]])
+        other = media_inputs([[2, "video", 1, "image", 2], [1, "image", 3], [6]], frames=2, seed=7)
+    return model, media, text, other
+
+
+@torch.no_grad()
+def test_text_only_prompts_generate_as_without_the_attachment(towered):
+    model, _, text, _ = towered
+    expected, _ = greedy(model, text, 3)
+    with tp.attach(model, vision("random", 1, 0.5)) as handle:
+        got, _ = greedy(model, text, 3)
+        assert [event.site for event in handle.trace] == ["language"]  # the handoff, nothing to drop
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_generate_without_the_cache_applies_the_same_selection_at_every_step(towered):
+    model, media, _, _ = towered
+    with tp.attach(model, vision("fastervlm", 1, 0.6)):
+        cached, _ = greedy(model, media, 3)
+        uncached = model.generate(**media, max_new_tokens=3, eos_token_id=None, use_cache=False)
+    assert torch.equal(cached, uncached[:, -3:])
+
+
+@torch.no_grad()
+def test_features_the_towers_did_not_encode_while_attached_are_refused(towered):
+    model, media, _, other = towered
+    outside = encoded(model, media)  # encoded before attaching
+    with tp.attach(model, vision("random", 1, 0.5)):
+        encoded(model, other)  # the towers run on other media in between
+        with pytest.raises(tp.InputError, match="encoded while attached"):
+            forward(model, outside)
+        forward(model, encoded(model, media))  # encoded while attached: its own selection
+
+
+@torch.no_grad()
+def test_repeated_features_of_beam_search_are_refused_with_the_reason(towered):
+    model, media, _, _ = towered
+    with tp.attach(model, vision("random", 1, 0.5)), pytest.raises(tp.InputError, match="num_return_seq"):
+        model.generate(**media, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)

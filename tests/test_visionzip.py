@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from tokenprune.strategies.visionzip import VisionZip, split_counts
 
 import tokenprune as tp
-from tokenprune.merging import sources
+from tokenprune.merging import merge_target_plus_mean, sources
 from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava, toy_qwen2_vl
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -157,6 +157,16 @@ def contextual_token(features: torch.Tensor, target: int, members: torch.Tensor,
     if rule == "average" or len(others) == 0:
         return features[members].mean(dim=0)
     return features[target] + features[others].mean(dim=0)
+
+
+def test_target_plus_mean_touches_only_targets_and_sums_sizes():
+    x = torch.tensor([[[1.0], [float("nan")], [3.0], [5.0], [7.0]]])  # slot 1 merges nowhere
+    sizes = torch.tensor([[1.0, 1.0, 2.0, 1.0, 1.0]])
+    into = torch.tensor([[-1, -1, 0, 0, -1]])  # slots 2 (size 2) and 3 join slot 0
+    merged, new_sizes = merge_target_plus_mean(x, sizes, into)
+    assert float(merged[0, 0, 0]) == pytest.approx(1.0 + (2 * 3.0 + 5.0) / 3, rel=1e-6)  # target + mean
+    assert torch.isnan(merged[0, 1, 0]) and merged[0, 4, 0] == 7.0  # others as they were
+    assert new_sizes.tolist() == [[4.0, 1.0, 2.0, 1.0, 1.0]]
 
 
 @torch.no_grad()

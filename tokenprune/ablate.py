@@ -130,7 +130,17 @@ class StrategySite(BaseModel):
     site: Literal["language", "vision"] = Field(
         "language", description="language: decoder layers; vision: vision-tower layers (per image)"
     )
-    layers: list[int] | None = Field(None, min_length=1, description="None: the grid's `layers`")
+    layers: list[int] | None = Field(
+        None, min_length=1, description="None: the grid's `layers` (decoder layers: language sites only)"
+    )
+
+    @model_validator(mode="after")
+    def _vision_layers_given(self) -> StrategySite:
+        if self.layers is not None and min(self.layers) < 0:
+            raise ValueError(f"layers are layer indices (>= 0), got {self.layers}")
+        if self.site == "vision" and self.layers is None:
+            raise ValueError("a vision site counts layers in the vision tower: give its `layers`")
+        return self
 
 
 class GridSpec(BaseModel):
@@ -328,8 +338,8 @@ def expand_grid(config: AblationConfig) -> list[Cell]:
         for stage, params in grid.combinations(name):
             reduction = tp.ReductionConfig(strategy=name, stages=[stage], params=params, budget=grid.budget)
             specs += _seeded(reduction, params, config.seeds)
-    for reduction in grid.extra:
-        specs += _seeded(reduction, _changed_params(reduction), config.seeds)
+    for reduction in grid.extra:  # as written: one cell, its seed (if any) in its params
+        specs.append((reduction, _changed_params(reduction), reduction.params.get("seed", config.seeds[0])))
     context = _context(config)
     cells: dict[str, Cell] = {}
     for reduction, shown, seed in specs:
@@ -709,11 +719,9 @@ def _one_round(
     sync = _sync_for(device)
     handle = None if reduction is None else tp.attach(model, reduction, adapter=loaded.adapter.name)
     try:
-        timer = None if handle is None else handle.time_selections(sync)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         prefill, out = _timed(lambda: model(**batch.inputs, use_cache=True), sync)
-        overhead = None if timer is None else timer.seconds
         kv_bytes = cache_bytes(out.cache) // len(batch.tokens)
         del out
         generate, _ = _timed(
@@ -723,10 +731,18 @@ def _one_round(
             sync,
         )
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        overhead = None if handle is None else _selection_seconds(model, batch, handle, sync)
     finally:
         if handle is not None:
             handle.detach()
     return (prefill, generate, overhead), (kv_bytes, peak)
+
+
+def _selection_seconds(model: nn.Module, batch: Batch, handle: tp.Handle, sync: Callable[[], None]) -> float:
+    """The strategy's own time in one more prefill, apart from the timed one (its syncs would slow it)."""
+    with handle.time_selections(sync) as timer:
+        model(**batch.inputs, use_cache=True)
+    return timer.seconds
 
 
 def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:

@@ -93,7 +93,8 @@ class Handle:
         """From now on, add up the seconds the strategy spends choosing tokens: its own overhead.
 
         `synchronize` (e.g. `torch.cuda.synchronize`) runs before each clock reading, so that
-        asynchronous kernels are counted where they are launched. One timer per handle.
+        asynchronous kernels are counted where they are launched; on a GPU those syncs slow the
+        forward down, so time the model without a timer. One timer at a time per handle.
         """
         return SelectionTimer(self.reducer, synchronize or (lambda: None))
 
@@ -122,10 +123,16 @@ class Handle:
 
 
 class SelectionTimer:
-    """Seconds spent in a reducer's `select` since it started or `reset` (`Handle.time_selections`)."""
+    """Seconds spent in a reducer's `select` since it started or `reset` (`Handle.time_selections`).
+
+    A context manager: `stop()` (or leaving the `with` block) puts the reducer's own `select` back.
+    """
 
     def __init__(self, reducer: Reducer, synchronize: Callable[[], None]) -> None:
+        if "select" in vars(reducer):
+            raise AttachError("a selection timer is already running on this handle: stop it first")
         self.seconds = 0.0
+        self._reducer = reducer
         select = reducer.select
 
         def timed(view: TokenView) -> Tensor | Merge:
@@ -136,10 +143,20 @@ class SelectionTimer:
             self.seconds += time.perf_counter() - start
             return chosen
 
-        reducer.select = timed  # the reducer belongs to the handle's session and goes with it
+        reducer.select = timed  # an instance attribute over the class's method, removed by `stop`
 
     def reset(self) -> None:
         self.seconds = 0.0
+
+    def stop(self) -> None:
+        """Stop timing: the reducer selects as before, without the clock readings (or their syncs)."""
+        vars(self._reducer).pop("select", None)
+
+    def __enter__(self) -> SelectionTimer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def attach(model: nn.Module, config: ReductionConfig, adapter: str | None = None) -> Handle:

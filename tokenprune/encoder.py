@@ -102,6 +102,7 @@ class GridTokens:
     proportional: bool = False
     captured: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     events: list[ReductionEvent] = field(default_factory=list)
+    grid_table: Tensor | None = None  # [P, 3] coords of the patch grid, on the tokens' device
 
     @property
     def n_patches(self) -> int:
@@ -154,7 +155,9 @@ class GridTokens:
         index = self.index
         candidates = index >= self.protected
         patch = (index - self.protected).clamp(min=0)
-        coords = grid_coords(*self.grid).to(x.device)[patch].masked_fill(~candidates[..., None], -1)
+        if self.grid_table is None:  # once per forward, not per block
+            self.grid_table = grid_coords(*self.grid).to(x.device)
+        coords = self.grid_table[patch].masked_fill(~candidates[..., None], -1)
         extent = torch.tensor([1, *self.grid], device=x.device).expand(*index.shape, 3)
         kept = min(stage.kept_count(self.n_patches), int(candidates[0].sum()))
         return TokenView(

@@ -49,7 +49,8 @@ def merge_target_plus_mean(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tens
     if not bool(joined.any()):
         return x, sizes
     batch, length, width = x.shape
-    target = into.clamp(min=0)
+    slots = torch.arange(length, device=x.device).expand(batch, length)
+    target = torch.where(joined, into, slots)  # non-members add 0 to themselves, nothing to others
     weights = sizes.float() * joined
     total = torch.zeros(batch, length, width, dtype=torch.float32, device=x.device)
     total.scatter_add_(1, target[..., None].expand(-1, -1, width), x.float() * weights[..., None])

@@ -168,7 +168,9 @@ class Session:
             raise InputError("tokenprune needs a 2-D attention mask [batch, length] (or none), not a 4-D one")
         self._pass = _Pass(layout=layout, padding_mask=padding)
         if layout is not None:
-            self._pass.vision_slots = [site.tower.slots(inputs["input_ids"]) for site in self.visions]
+            for site in self.visions:
+                site.expect(inputs)
+                self._pass.vision_slots.append(site.tower.slots(inputs["input_ids"]))
         continued = self._continued_positions(inputs, length)
         return None if continued is None else (args, {**kwargs, "position_ids": continued})
 
@@ -315,15 +317,16 @@ class Session:
         sit at their destination's slot, so nothing is averaged again here.
         """
         keep, into, sizes = view.candidates, torch.full_like(view.positions, -1), None
-        for site, (item, token) in zip(self.visions, state.vision_slots, strict=True):
+        for site, (item, token) in zip(self.visions, state.vision_slots, strict=False):  # none: no media
             placed = (item >= 0) & view.valid
             if not bool(placed.any()):
                 continue
             handoff = site.handoff()
-            if handoff is None:
+            if handoff is None or int(item.max()) >= handoff.survive.shape[0]:
                 raise InputError(
-                    "`site: vision` stages need the vision tower to encode this forward's images while "
-                    "attached: pass pixel values, not features encoded beforehand"
+                    "`site: vision` stages need the features the vision tower encoded while attached, "
+                    "one set per sample: pass pixel values (not features encoded before attaching), and "
+                    "no beam search or num_return_sequences > 1, which repeat the encoded features"
                 )
             state.vision_events += site.events
             selection = handoff.select(item, token, placed, view.candidates, view.positions)

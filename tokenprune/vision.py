@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ class VisionTower:
     projector: nn.Module
     placeholder_id: int
     keeps_prefix: bool = False
+    modality: str = "image"  # its key in `mm_encoder_outputs`, where generate() passes the encoded items
 
     @property
     def tokens_per_item(self) -> int:
@@ -119,7 +120,9 @@ class VisionSite:
         self.token_order = token_order
         self.tokens: GridTokens | None = None
         self.to_project = False  # the tower's latest output has not reached the projector yet
-        self.to_hand_off = False  # nor the language model
+        self.projected: Tensor | None = None  # what the projector made of it
+        self.runs = 0  # tower runs so far
+        self.expected: Tensor | int | None = None  # this forward's features: encoded ones, or the run count
 
     @property
     def events(self) -> list[ReductionEvent]:
@@ -138,28 +141,45 @@ class VisionSite:
             if index > first:
                 handles.append(layer.register_forward_pre_hook(self._bias_hook))
         handles.append(self.tower.projector.register_forward_pre_hook(self._restore_slots))
+        handles.append(self.tower.projector.register_forward_hook(self._record_projection))
         return handles
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         """The tower encodes new items (in the forward, or before prefill in `generate`): start afresh."""
-        self.tokens = None
-        self.to_project = self.to_hand_off = True
+        self.tokens, self.projected = None, None
+        self.to_project = True
+        self.runs += 1
+
+    def expect(self, inputs: dict[str, Any]) -> None:
+        """A language-model forward begins: its features are encoded ones, or the tower runs inside it."""
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get(self.tower.modality)
+        self.expected = self.runs if encoded is None else encoded.pooler_output
 
     def handoff(self) -> Handoff | None:
-        """The selection for the language model from the tower's latest items, once per tower run.
+        """The selection for the language model, from the tower run whose features this forward uses.
 
-        None when the tower has not run since the last handoff (the features came from elsewhere).
+        None when they come from elsewhere: encoded before attaching, or copied (generate's expansion
+        for beam search and `num_return_sequences` repeats them).
         """
         tokens = self.tokens
-        if not self.to_hand_off or tokens is None or tokens.index is None:
+        if tokens is None or tokens.index is None or not self._features_are_ours():
             return None
-        self.to_hand_off = False
         everything = torch.arange(tokens.protected + tokens.n_patches, device=tokens.index.device)
         sizes = None
         if tokens.sizes is not None:
             sizes = torch.ones(tokens.groups.shape, device=tokens.index.device)
             sizes.scatter_(1, tokens.index, tokens.sizes.float())
         return Handoff(tokens.groups == everything, tokens.groups, sizes, tokens.proportional)
+
+    def _features_are_ours(self) -> bool:
+        """The tower ran during this forward, or its encoded features are views of our projection."""
+        if isinstance(self.expected, int):
+            return self.runs > self.expected
+        parts = self.expected if isinstance(self.expected, (list, tuple)) else [self.expected]
+        if self.projected is None or not parts:
+            return False
+        ours = self.projected.untyped_storage().data_ptr()
+        return all(isinstance(p, Tensor) and p.untyped_storage().data_ptr() == ours for p in parts)
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -204,7 +224,6 @@ class VisionSite:
         tokens = self.tokens
         if not self.to_project or tokens is None or tokens.index is None:
             return None
-        self.to_project = False
         features, prefix = args[0], 0 if self.tower.keeps_prefix else self.tower.prefix_tokens
         slots = tokens.index[:, prefix:] - prefix
         if features.shape[1] != slots.shape[1]:
@@ -214,3 +233,8 @@ class VisionSite:
         full = features.new_zeros(features.shape[0], tokens.groups.shape[1] - prefix, features.shape[-1])
         full.scatter_(1, slots[..., None].expand(-1, -1, features.shape[-1]), features)
         return (full, *args[1:])
+
+    def _record_projection(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        """Keep the projector's output of this tower's call: generate() passes views of it back."""
+        if self.to_project:
+            self.projected, self.to_project = output, False
