@@ -3,9 +3,9 @@
 Images lose their class token before the projector; video frames keep theirs, and it is never
 reduced. Oracle for pruning: the *unreduced* model where each tower's later layers hide the tokens
 its stage removed as keys, and the language model hides their placeholders as keys from layer 0 on;
-kept tokens' logits must match (max abs diff <= 1e-4, float32). Ratio 0 equals no attachment
-(<= 1e-5); a sample in a padded batch equals the sample alone; generate() on the reduced cache
-equals recomputation.
+kept tokens' logits must match (max abs diff <= 1e-4, float32). Ratio 0, a sample in a padded
+batch against the sample alone, generate() against recomputation and refused features run on
+LLaVA and Video-LLaVA alike in test_vision_site.py.
 """
 
 from __future__ import annotations
@@ -16,29 +16,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from oracles import (
     assert_kept_logits_match,
-    generation_positions,
-    greedy,
     hooked,
     oracle_masks,
-    recomputed_greedy,
     tower_mask_hooks,
 )
-from test_video_llava import FRAME_TOKENS, IMAGE_TOKENS, SIDE, encoded, media_inputs, prompts_with
+from test_video_llava import FRAME_TOKENS, IMAGE_TOKENS, SIDE, media_inputs, prompts_with
+from test_vision_site import PRUNING, forward, vision
 
 import tokenprune as tp
 
 LOGIT_TOL = 1e-4
-IDENTITY_TOL = 1e-5
-VISION = [name for name in tp.strategies() if "vision" in tp.strategy_class(name).sites]
-PRUNING = [name for name in VISION if not tp.strategy_class(name).merges]
-
-
-def vision(strategy: str, layer: int, ratio: float) -> tp.ReductionConfig:
-    return tp.ReductionConfig(strategy=strategy, stages=[{"site": "vision", "layer": layer, "ratio": ratio}])
-
-
-def forward(model, inputs):
-    return model(**inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False)
 
 
 def tower_events(trace, inputs) -> dict[str, tp.ReductionEvent]:
@@ -88,51 +75,3 @@ def test_each_item_keeps_its_budget_and_frames_keep_their_class_token(video_llav
     assert language.visual_after == [2 * (1 + kept) + kept, kept]  # two frames and an image; an image
     video = (inputs["input_ids"][0] == video_llava3.config.video_token_id).nonzero().flatten()
     assert set(video.view(2, FRAME_TOKENS)[:, 0].tolist()) <= set(language.kept[0].tolist())
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("strategy", VISION)
-def test_ratio_zero_in_the_towers_is_identity(video_llava3, strategy):
-    inputs = media_inputs([[2, "video", 1, "image", 2], [1, "image", 2, "image", 3]], frames=2)
-    reference = forward(video_llava3, inputs).logits
-    with tp.attach(video_llava3, vision(strategy, 1, 0.0)):
-        logits = forward(video_llava3, inputs).logits
-    real = inputs["attention_mask"].bool()
-    assert (logits - reference)[real].abs().max() <= IDENTITY_TOL
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("strategy", VISION)
-def test_a_sample_in_a_batch_equals_the_sample_alone(video_llava3, strategy):
-    batch = [[2, "video", 3], [1, "image", 2, "video", 1], [4, "image", 1]]
-    inputs = media_inputs(batch, frames=2)
-    pad = (1 - inputs["attention_mask"]).sum(1)
-    with tp.attach(video_llava3, vision(strategy, 0, 0.6)) as handle:
-        together, _ = greedy(video_llava3, inputs, 4)
-        kept_together = handle.trace[-1].kept
-        for b, prompt in enumerate(batch):
-            alone, _ = greedy(video_llava3, media_inputs([prompt], frames=2, seed=b), 4)
-            row, kept_alone = kept_together[b], handle.trace[-1].kept[0]
-            assert torch.equal(row[row >= 0] - pad[b], kept_alone[kept_alone >= 0])
-            assert torch.equal(together[b], alone[0])
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("strategy", VISION)
-def test_generate_on_a_tower_reduced_cache_equals_recomputation(video_llava3, strategy):
-    """A left-padded batch (one sample without media) decodes on the reduced cache as recomputed."""
-    inputs = media_inputs([[3, "image", 4], [1, "video", 2, "image", 5], [6]], frames=2)
-    with tp.attach(video_llava3, vision(strategy, 1, 0.7)):
-        cached, _ = greedy(video_llava3, inputs, 4)
-        recomputed = recomputed_greedy(video_llava3, inputs, 4)
-    assert torch.equal(cached, recomputed)
-
-
-@torch.no_grad()
-def test_features_encoded_before_attaching_are_refused(video_llava3):
-    inputs = media_inputs([[2, "video", 1, "image", 2]], frames=2)
-    outside = encoded(video_llava3, inputs)  # the towers ran without the vision site
-    with tp.attach(video_llava3, vision("random", 1, 0.5)):
-        with pytest.raises(tp.InputError, match="pass pixel values"):
-            forward(video_llava3, outside)
-        forward(video_llava3, encoded(video_llava3, inputs))  # encoded while attached: fine

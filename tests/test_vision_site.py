@@ -11,6 +11,9 @@ sources and sizes, batch equivalence and the cache against recomputation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 from hypothesis import given
@@ -27,6 +30,7 @@ from oracles import (
     tower_mask_hooks,
 )
 from test_video_llava import encoded, media_inputs
+from torch import Tensor, nn
 
 import tokenprune as tp
 from tokenprune.toy import IMAGE_TOKEN_ID
@@ -74,17 +78,6 @@ def test_pruning_in_the_tower_matches_the_mask_oracle(llava3, strategy, batch, l
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("strategy", VISION)
-def test_ratio_zero_in_the_tower_is_identity(llava3, strategy):
-    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
-    reference = forward(llava3, inputs).logits
-    with tp.attach(llava3, vision(strategy, 1, 0.0)):
-        logits = forward(llava3, inputs).logits
-    real = inputs["attention_mask"].bool()
-    assert (logits - reference)[real].abs().max() <= 1e-5
-
-
-@torch.no_grad()
 @given(batch=st.lists(prompts, min_size=1, max_size=3), layer=st.integers(0, 1), ratio=st.floats(0.1, 0.9))
 def test_tome_in_the_tower_carries_sources_and_sizes_to_the_language_model(llava3, batch, layer, ratio):
     inputs = llava_inputs(batch)
@@ -101,38 +94,6 @@ def test_tome_in_the_tower_carries_sources_and_sizes_to_the_language_model(llava
         assert set(holders.tolist()) == set(kept_visual.tolist())
         sizes = language_event.sizes[b][kept >= 0][visual[b, kept[kept >= 0]]]
         assert float(sizes.sum()) == int(visual[b].sum())
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("strategy", VISION)
-def test_a_sample_in_a_batch_equals_the_sample_alone(llava3, strategy):
-    batch = [Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6, 1], 1)]
-    inputs = llava_inputs(batch)
-    pad = (1 - inputs["attention_mask"]).sum(1)
-    with tp.attach(llava3, vision(strategy, 0, 0.6)) as handle:
-        together, _ = greedy(llava3, inputs, 4)
-        kept_together = handle.trace[-1].kept
-        first_image = 0
-        for b, prompt in enumerate(batch):
-            alone_inputs = llava_inputs([prompt], seed=b)
-            alone_inputs["pixel_values"] = inputs["pixel_values"][first_image : first_image + prompt.images]
-            first_image += prompt.images
-            alone, _ = greedy(llava3, alone_inputs, 4)
-            row, kept_alone = kept_together[b], handle.trace[-1].kept[0]
-            assert torch.equal(row[row >= 0] - pad[b], kept_alone[kept_alone >= 0])
-            assert torch.equal(together[b], alone[0])
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("strategy", VISION)
-def test_generate_on_a_tower_reduced_cache_equals_recomputation(llava3, strategy):
-    """A left-padded batch (one sample without an image) decodes on the reduced cache as recomputed."""
-    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6], 0)])
-    steps = 4
-    with tp.attach(llava3, vision(strategy, 1, 0.7)):
-        cached, _ = greedy(llava3, inputs, steps)
-        recomputed = recomputed_greedy(llava3, inputs, steps)
-    assert torch.equal(cached, recomputed)
 
 
 def test_vision_sites_are_refused_where_they_do_not_apply(llava3, llava_next):
@@ -152,24 +113,84 @@ def test_vision_sites_are_refused_where_they_do_not_apply(llava3, llava_next):
 # -- both VLMs with vision towers: LLaVA (one tower) and Video-LLaVA (two, one shared projector) ---------
 
 
+@dataclass
+class Case:
+    """A VLM with vision towers and its inputs: media (a text-only sample among them), a text-only
+    batch, other media of the same shapes, and each media sample alone with the same pixels."""
+
+    model: nn.Module
+    media: dict[str, Tensor]
+    text: dict[str, Tensor]
+    other: dict[str, Tensor]
+    alone: Callable[[int], dict[str, Tensor]]
+
+
+def llava_case(model: nn.Module) -> Case:
+    batch = [Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6], 0)]
+    media = llava_inputs(batch)
+
+    def alone(b: int) -> dict[str, Tensor]:
+        first = sum(prompt.images for prompt in batch[:b])
+        single = llava_inputs([batch[b]], seed=b)
+        if batch[b].images:
+            single["pixel_values"] = media["pixel_values"][first : first + batch[b].images]
+        return single
+
+    text = llava_inputs([Prompt([5], 0), Prompt([2, 3], 0)])
+    return Case(model, media, text, llava_inputs(batch, seed=7), alone)
+
+
+def video_llava_case(model: nn.Module) -> Case:
+    batch = [[2, "video", 1, "image", 2], [1, "image", 3], [6]]
+    media, text = media_inputs(batch, frames=2), media_inputs([[5], [2, 3]])
+    alone = lambda b: media_inputs([batch[b]], frames=2, seed=b)  # noqa: E731 - sample b draws from seed b
+    return Case(model, media, text, media_inputs(batch, frames=2, seed=7), alone)
+
+
 @pytest.fixture(params=["llava3", "video_llava3"])
-def towered(request) -> tuple:
-    """(model, media with a text-only sample, a text-only batch, other media of the same shapes)."""
-    model = request.getfixturevalue(request.param)
-    if request.param == "llava3":
-        media = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6], 0)])
-        text = llava_inputs([Prompt([5], 0), Prompt([2, 3], 0)])
-        other = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2), Prompt([6], 0)], seed=7)
-    else:
-        media = media_inputs([[2, "video", 1, "image", 2], [1, "image", 3], [6]], frames=2)
-        text = media_inputs([[5], [2, 3]])
-        other = media_inputs([[2, "video", 1, "image", 2], [1, "image", 3], [6]], frames=2, seed=7)
-    return model, media, text, other
+def vlm(request) -> Case:
+    """LLaVA (one tower) and Video-LLaVA (an image and a video tower, one shared projector)."""
+    make = llava_case if request.param == "llava3" else video_llava_case
+    return make(request.getfixturevalue(request.param))
 
 
 @torch.no_grad()
-def test_text_only_prompts_generate_as_without_the_attachment(towered):
-    model, _, text, _ = towered
+@pytest.mark.parametrize("strategy", VISION)
+def test_ratio_zero_in_the_towers_is_identity(vlm, strategy):
+    reference = forward(vlm.model, vlm.media).logits
+    with tp.attach(vlm.model, vision(strategy, 1, 0.0)):
+        logits = forward(vlm.model, vlm.media).logits
+    real = vlm.media["attention_mask"].bool()
+    assert (logits - reference)[real].abs().max() <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", VISION)
+def test_a_sample_in_a_batch_equals_the_sample_alone(vlm, strategy):
+    pad = (1 - vlm.media["attention_mask"]).sum(1)
+    with tp.attach(vlm.model, vision(strategy, 0, 0.6)) as handle:
+        together, _ = greedy(vlm.model, vlm.media, 4)
+        kept_together = handle.trace[-1].kept
+        for b in range(len(pad)):
+            alone, _ = greedy(vlm.model, vlm.alone(b), 4)
+            row, kept_alone = kept_together[b], handle.trace[-1].kept[0]
+            assert torch.equal(row[row >= 0] - pad[b], kept_alone[kept_alone >= 0])
+            assert torch.equal(together[b], alone[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", VISION)
+def test_generate_on_a_tower_reduced_cache_equals_recomputation(vlm, strategy):
+    """A left-padded batch (one sample without media) decodes on the reduced cache as recomputed."""
+    with tp.attach(vlm.model, vision(strategy, 1, 0.7)):
+        cached, _ = greedy(vlm.model, vlm.media, 4)
+        recomputed = recomputed_greedy(vlm.model, vlm.media, 4)
+    assert torch.equal(cached, recomputed)
+
+
+@torch.no_grad()
+def test_text_only_prompts_generate_as_without_the_attachment(vlm):
+    model, text = vlm.model, vlm.text
     expected, _ = greedy(model, text, 3)
     with tp.attach(model, vision("random", 1, 0.5)) as handle:
         got, _ = greedy(model, text, 3)
@@ -178,8 +199,8 @@ def test_text_only_prompts_generate_as_without_the_attachment(towered):
 
 
 @torch.no_grad()
-def test_generate_without_the_cache_applies_the_same_selection_at_every_step(towered):
-    model, media, _, _ = towered
+def test_generate_without_the_cache_applies_the_same_selection_at_every_step(vlm):
+    model, media = vlm.model, vlm.media
     with tp.attach(model, vision("fastervlm", 1, 0.6)):
         cached, _ = greedy(model, media, 3)
         uncached = model.generate(**media, max_new_tokens=3, eos_token_id=None, use_cache=False)
@@ -187,8 +208,8 @@ def test_generate_without_the_cache_applies_the_same_selection_at_every_step(tow
 
 
 @torch.no_grad()
-def test_features_the_towers_did_not_encode_while_attached_are_refused(towered):
-    model, media, _, other = towered
+def test_features_the_towers_did_not_encode_while_attached_are_refused(vlm):
+    model, media, other = vlm.model, vlm.media, vlm.other
     outside = encoded(model, media)  # encoded before attaching
     with tp.attach(model, vision("random", 1, 0.5)):
         encoded(model, other)  # the towers run on other media in between
@@ -198,7 +219,7 @@ def test_features_the_towers_did_not_encode_while_attached_are_refused(towered):
 
 
 @torch.no_grad()
-def test_repeated_features_of_beam_search_are_refused_with_the_reason(towered):
-    model, media, _, _ = towered
+def test_repeated_features_of_beam_search_are_refused_with_the_reason(vlm):
+    model, media = vlm.model, vlm.media
     with tp.attach(model, vision("random", 1, 0.5)), pytest.raises(tp.InputError, match="num_return_seq"):
         model.generate(**media, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
