@@ -67,11 +67,11 @@ class LlavaAdapter(ConditionalGenerationAdapter):
         return [Segment(sample, positions, *line_coords(n))]
 
     def vision_towers(self) -> tuple[VisionTower, ...]:
-        """The CLIP encoder up to `vision_feature_layer` (one int layer, class token dropped: "default")."""
+        """The CLIP encoder up to `vision_feature_layer` (one int layer); with "full" its class token
+        reaches the language model too."""
         config = self.model.config
-        if config.vision_feature_select_strategy != "default":
-            return ()
-        tower = self.clip_tower(self.base_model().vision_tower, config.image_token_id)
+        full = config.vision_feature_select_strategy == "full"
+        tower = self.clip_tower(self.base_model().vision_tower, config.image_token_id, keeps_prefix=full)
         return () if tower is None else (tower,)
 
     def clip_tower(

@@ -212,6 +212,15 @@ def test_keeps_and_sites_place_each_strategy_at_its_own_budget_and_site(tmp_path
     assert [(s.site, s.layer, s.keep) for s in vision] == [("vision", 0, 32)]
 
 
+def test_labels_tell_apart_cells_that_differ_only_in_token_order(tmp_path):
+    path = tmp_path / "grid.yaml"
+    extra = [{"strategy": "tome", "stages": [{"site": "vision", "layer": 0, "ratio": 0.5}]}]
+    extra.append({**extra[0], "token_order": "spatial"})
+    path.write_text(yaml.safe_dump({"grid": {"strategies": ["fastv"], "extra": extra}}))
+    labels = [cell.label for cell in expand_grid(load_ablation_config(path))[2:]]
+    assert labels == ["tome K=v0 R=0.5", "tome K=v0 R=0.5 order=spatial"]
+
+
 def test_extra_cells_run_once_as_written_with_their_own_seed(tmp_path):
     path = tmp_path / "grid.yaml"
     extra = [

@@ -33,7 +33,7 @@ from test_video_llava import encoded, media_inputs
 from torch import Tensor, nn
 
 import tokenprune as tp
-from tokenprune.toy import IMAGE_TOKEN_ID
+from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava
 
 LOGIT_TOL = 1e-4
 # Every installed strategy that acts in a vision encoder goes through these tests.
@@ -223,3 +223,26 @@ def test_repeated_features_of_beam_search_are_refused_with_the_reason(vlm):
     model, media = vlm.model, vlm.media
     with tp.attach(model, vision("random", 1, 0.5)), pytest.raises(tp.InputError, match="num_return_seq"):
         model.generate(**media, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", PRUNING)
+def test_with_the_full_feature_strategy_the_class_token_stays_and_the_oracle_holds(strategy):
+    model = toy_llava(ToySize(vision_layers=3))
+    model.config.vision_feature_select_strategy = "full"  # the class token leads each image's 37 tokens
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)], tokens_per_image=37)
+    with tp.attach(model, vision(strategy, 0, 0.5)) as handle:
+        logits = forward(model, inputs).logits
+        tower_event, language_event = handle.trace
+    valid = inputs["attention_mask"].bool()
+    removed = valid.clone()
+    for b, row in enumerate(language_event.kept):
+        removed[b, row[row >= 0]] = False
+    image = (inputs["input_ids"] == IMAGE_TOKEN_ID).int()
+    first_of_image = image.diff(dim=1, prepend=torch.zeros_like(image[:, :1])) == 1
+    assert not bool((removed & first_of_image).any())  # each image's class token is kept
+    assert language_event.visual_after == [1 + 18, 2 * (1 + 18)]
+    tower = model.model.vision_tower.encoder.layers
+    with hooked(tower_mask_hooks(tower, tower_event) + oracle_masks(model, [(0, removed)], valid)):
+        expected = forward(model, inputs).logits
+    assert_kept_logits_match(logits, expected, language_event.kept, LOGIT_TOL)

@@ -383,6 +383,8 @@ def _label(reduction: tp.ReductionConfig | None, shown: dict[str, Any], seed: in
         parts.append(f"seed={seed}")
     if reduction.budget != "sample":
         parts.append(reduction.budget)
+    if reduction.token_order != "reference":
+        parts.append(f"order={reduction.token_order}")
     return " ".join(parts)
 
 
