@@ -56,8 +56,8 @@ class Qwen2VLAdapter(ConditionalGenerationAdapter):
 
     name = "qwen2_vl"
     no_vision_tower = (
-        "Qwen2-VL's vision encoder has no class token (the query of VisionZip's and FasterVLM's "
-        "attention) and merges each 2 x 2 group of patches before the language model"
+        "Qwen2-VL's vision encoder has no class token (the query of class-attention rankings) and "
+        "merges each 2 x 2 group of patches before the language model"
     )
     model_types = ("qwen2_vl", "qwen2_5_vl")
 

@@ -7,13 +7,14 @@ tokenprune's shortened run. It shares no code with tokenprune's mechanics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+import tokenprune as tp
 from tokenprune.toy import IMAGE_TOKEN_ID, PAD_TOKEN_ID
 
 TEXT_IDS = range(10, 120)
@@ -236,3 +237,33 @@ def hooked(handles: list) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def class_token_view(
+    batch: int, grid: tuple[int, int], budget: int, signals: dict[str, Callable[..., Tensor]]
+) -> tp.TokenView:
+    """A vision-site view of `batch` images: the class token at slot 0 (protected), then the
+    rows x cols patch grid row-major, with the given lazy signals (as a vision site builds it)."""
+    rows, cols = grid
+    length = 1 + rows * cols
+    candidates = torch.ones(batch, length, dtype=torch.bool)
+    candidates[:, 0] = False
+    patch = torch.arange(length - 1)
+    coords = torch.full((batch, length, 3), -1)
+    coords[:, 1:] = torch.stack([torch.zeros_like(patch), patch // cols, patch % cols], dim=-1)
+    extent = torch.zeros(batch, length, 3, dtype=torch.long)
+    extent[:, 1:] = torch.tensor([1, rows, cols])
+    return tp.TokenView(
+        hidden=torch.randn(batch, length, 4),
+        candidates=candidates,
+        valid=torch.ones_like(candidates),
+        segment=torch.where(candidates, 0, -1),
+        coords=coords,
+        extent=extent,
+        positions=torch.arange(length).expand(batch, -1),
+        budget=torch.full((batch,), budget),
+        layer=22,
+        signals=tp.Signals(signals),
+        frame=torch.where(candidates, 0, -1),
+        site="vision",
+    )

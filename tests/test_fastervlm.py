@@ -16,7 +16,7 @@ import timm
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, generation_positions, llava_inputs
+from oracles import Prompt, class_token_view, generation_positions, llava_inputs
 from tokenprune.strategies.fastervlm import FasterVLM
 
 import tokenprune as tp
@@ -26,38 +26,15 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def vision_view(attention: torch.Tensor, budget: int, asked: list | None = None) -> tp.TokenView:
-    """A vision-site view: the class token at slot 0 (protected), then P patches in one row.
-
-    `asked` collects the query rows the strategy asks the attention signal for.
-    """
-    batch, length = attention.shape
-    candidates = torch.ones(batch, length, dtype=torch.bool)
-    candidates[:, 0] = False
-    coords = torch.full((batch, length, 3), -1)
-    coords[:, 1:, 1:] = torch.stack([torch.zeros(length - 1), torch.arange(length - 1)], dim=-1).long()
-    coords[:, 1:, 0] = 0
-    extent = torch.zeros(batch, length, 3, dtype=torch.long)
-    extent[:, 1:] = torch.tensor([1, 1, length - 1])
+    """Images of one row of P patches after the class token; `asked` collects the query rows asked for."""
 
     def class_attention(query: str = "class") -> torch.Tensor:
         if asked is not None:
             asked.append(query)
         return attention
 
-    return tp.TokenView(
-        hidden=torch.randn(batch, length, 4),
-        candidates=candidates,
-        valid=torch.ones_like(candidates),
-        segment=torch.where(candidates, 0, -1),
-        coords=coords,
-        extent=extent,
-        positions=torch.arange(length).expand(batch, -1),
-        budget=torch.full((batch,), budget),
-        layer=22,
-        signals=tp.Signals({"attention": class_attention}),
-        frame=torch.where(candidates, 0, -1),
-        site="vision",
-    )
+    batch, length = attention.shape
+    return class_token_view(batch, (1, length - 1), budget, {"attention": class_attention})
 
 
 def test_the_class_tokens_row_ranks_the_patches():

@@ -18,7 +18,7 @@ import timm
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, generation_positions, llava_inputs
+from oracles import Prompt, class_token_view, generation_positions, llava_inputs
 from pydantic import ValidationError
 from tokenprune.strategies.visionzip import VisionZip, split_counts
 
@@ -31,38 +31,14 @@ TOL = 1e-5
 
 
 def vision_view(attention: torch.Tensor, keys: torch.Tensor, budget: int, grid: tuple) -> tp.TokenView:
-    """A vision-site view of B images: the class token at slot 0 (protected), then the patch grid.
-
-    attention [B, 1 + P] from the class token; keys [B, 1 + P, d].
-    """
-    batch, length = attention.shape
-    candidates = torch.ones(batch, length, dtype=torch.bool)
-    candidates[:, 0] = False
-    rows, cols = grid
-    patch = torch.arange(length - 1)
-    coords = torch.full((batch, length, 3), -1)
-    coords[:, 1:] = torch.stack([torch.zeros_like(patch), patch // cols, patch % cols], dim=-1)
-    extent = torch.zeros(batch, length, 3, dtype=torch.long)
-    extent[:, 1:] = torch.tensor([1, rows, cols])
+    """Images of a patch grid after the class token: attention [B, 1 + P] from it, keys [B, 1 + P, d]."""
 
     def class_attention(query: str = "class") -> torch.Tensor:
         assert query == "class"
         return attention
 
-    return tp.TokenView(
-        hidden=torch.randn(batch, length, 4),
-        candidates=candidates,
-        valid=torch.ones_like(candidates),
-        segment=torch.where(candidates, 0, -1),
-        coords=coords,
-        extent=extent,
-        positions=torch.arange(length).expand(batch, -1),
-        budget=torch.full((batch,), budget),
-        layer=22,
-        signals=tp.Signals({"attention": class_attention, "keys": lambda: keys}),
-        frame=torch.where(candidates, 0, -1),
-        site="vision",
-    )
+    signals = {"attention": class_attention, "keys": lambda: keys}
+    return class_token_view(attention.shape[0], grid, budget, signals)
 
 
 def reference_selection(attention: torch.Tensor, keys: torch.Tensor, n_dominant: int, n_contextual: int):
