@@ -13,10 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
-from tokenprune.adapter import ConditionalGenerationAdapter
+from tokenprune.contracts.adapter import ConditionalGenerationAdapter, VisionTower
+from tokenprune.contracts.layout import Segment, VisualLayout, grid_coords, line_coords, placeholder_runs
 from tokenprune.errors import InputError
-from tokenprune.layout import Segment, VisualLayout, grid_coords, line_coords, placeholder_runs
-from tokenprune.vision import VisionTower
 
 
 class LlavaAdapter(ConditionalGenerationAdapter):

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
+from tokenprune.contracts.adapter import VisionTower
+from tokenprune.contracts.layout import Segment, grid_coords
 from tokenprune.errors import InputError
-from tokenprune.layout import Segment, grid_coords
-from tokenprune.vision import VisionTower
 
 from .llava import LlavaAdapter
 

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenprune.adapter import ConditionalGenerationAdapter
+from tokenprune.contracts.adapter import ConditionalGenerationAdapter
+from tokenprune.contracts.layout import Segment, VisualLayout, grid_coords, placeholder_runs
 from tokenprune.errors import InputError
-from tokenprune.layout import Segment, VisualLayout, grid_coords, placeholder_runs
 
 
 @dataclass(frozen=True)

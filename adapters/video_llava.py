@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenprune.contracts.adapter import VisionTower
+from tokenprune.contracts.layout import Segment, VisualLayout, grid_coords, placeholder_runs
 from tokenprune.errors import InputError
-from tokenprune.layout import Segment, VisualLayout, grid_coords, placeholder_runs
-from tokenprune.vision import VisionTower
 
 from .llava import LlavaAdapter
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.encoder import Capture, EncoderAdapter
+from tokenprune.contracts.adapter import Capture, EncoderAdapter
 from tokenprune.errors import AttachError
 
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")

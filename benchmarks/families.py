@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
 from tokenprune.flops import tokens_per_layer, trace_flops
-from tokenprune.toy import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, ToySize, toy_qwen2_vl, toy_video_llava
+from tokenprune.testing.models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, ToySize, toy_qwen2_vl, toy_video_llava
 
 sys.path.insert(0, str(Path(__file__).parent))
 from prefill import Variant, _check_close, _load, report_pairs, report_prefill, time_round_robin

@@ -44,7 +44,7 @@ from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
 from tokenprune.flops import model_flops, tokens_per_layer, trace_flops
-from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, toy_llava
 
 SECTIONS = ("prefill", "cache", "decode")
 
@@ -329,9 +329,9 @@ def report_breakdown(model: nn.Module, inputs: Inputs, args: argparse.Namespace,
     """
     ratio = ideal.ratio
     from tokenprune import session as session_module
-    from tokenprune.probe import ProjectionProbe
-    from tokenprune.reducer import ScoreReducer
-    from tokenprune.session import Session
+    from tokenprune.contracts.probe import ProjectionProbe
+    from tokenprune.contracts.reducer import ScoreReducer
+    from tokenprune.core.language.session import Session
 
     totals: dict[str, list[float]] = {}
     per_run: dict[str, list[float]] = {}

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from tokenprune.reducer import Reducer, TokenView, split_budget
+from tokenprune.contracts.reducer import Reducer, TokenView, split_budget
 
 
 class DartParams(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokenprune.reducer import Reducer, TokenView
+from tokenprune.contracts.reducer import Reducer, TokenView
 
 
 def max_min_diverse(features: Tensor, k: int) -> list[int]:

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from tokenprune.reducer import ScoreReducer, TokenView
+from tokenprune.contracts.reducer import ScoreReducer, TokenView
 
 
 class FasterVLM(ScoreReducer):

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenprune.strategies.uniform import UniformGrid
 from torch import Tensor
 
-from tokenprune.reducer import Reducer, ScoreReducer, TokenView, group_counts, top_k_mask
+from tokenprune.contracts.reducer import Reducer, ScoreReducer, TokenView, group_counts, top_k_mask
 
 
 class FeatherParams(BaseModel):

@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from tokenprune.reducer import ScoreReducer, TokenView
+from tokenprune.contracts.reducer import ScoreReducer, TokenView
 
 
 class PyramidDropParams(BaseModel):

@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from tokenprune.reducer import ScoreReducer, TokenView
+from tokenprune.contracts.reducer import ScoreReducer, TokenView
 
 
 class RandomParams(BaseModel):

@@ -25,9 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from torch import Tensor
 
-from tokenprune.merging import best_matches, merge_average
-from tokenprune.reducer import Merge, Reducer, TokenView, group_counts, top_k_mask
-from tokenprune.schedule import removals_per_layer
+from tokenprune.contracts.reducer import Merge, Reducer, TokenView, group_counts, top_k_mask
+from tokenprune.core.merging import best_matches, merge_average
+from tokenprune.core.schedule import removals_per_layer
 
 
 class ToMeParams(BaseModel):

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from tokenprune.reducer import Reducer, TokenView, split_budget
+from tokenprune.contracts.reducer import Reducer, TokenView, split_budget
 
 
 def axis_counts(extent: tuple[int, ...], k: int) -> list[int]:

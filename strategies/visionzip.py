@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from tokenprune.merging import best_matches
-from tokenprune.reducer import Merge, Reducer, TokenView, group_counts, top_k_mask
+from tokenprune.contracts.reducer import Merge, Reducer, TokenView, group_counts, top_k_mask
+from tokenprune.core.merging import best_matches
 
 
 class VisionZipParams(BaseModel):

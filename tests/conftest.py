@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import tokenprune as tp
-from tokenprune.toy import ToySize, toy_llava, toy_llava_next, toy_video_llava
+from tokenprune.testing.models import ToySize, toy_llava, toy_llava_next, toy_video_llava
 
 settings.register_profile(
     "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -21,7 +21,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # Every installed strategy that acts in a language model goes through every exactness test of the
 # language-model sites: a new one is tested by registering it (vision sites: test_vision_site.py).
-BUILT_IN_STRATEGIES = tuple(name for name in tp.strategies() if "language" in tp.strategy_class(name).sites)
+BUILT_IN_STRATEGIES = tuple(
+    name for name in tp.list_strategies() if "language" in tp.strategy_class(name).sites
+)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,14 @@ import yaml
 from PIL import Image
 
 import tokenprune as tp
-from tokenprune.ablate import (
+from tokenprune.builtin.models import toy_llava_processor
+from tokenprune.builtin.toyvqa import GRID, IMAGE_SIZE, PATCH_SIZE, generate_samples
+from tokenprune.errors import ConfigError
+from tokenprune.lab.cli import main
+from tokenprune.lab.datasets import jsonl_samples, load_samples
+from tokenprune.lab.report import build_report, pareto_front
+from tokenprune.lab.results import CorruptLineWarning, ResultStore, merge_rows, read_rows
+from tokenprune.lab.runner import (
     Outputs,
     accuracy,
     expand_grid,
@@ -34,15 +41,8 @@ from tokenprune.ablate import (
     shard_cells,
     survival_map,
 )
-from tokenprune.api import STRATEGIES
-from tokenprune.builtin import toy_llava_processor
-from tokenprune.cli import main
-from tokenprune.datasets import jsonl_samples, load_samples
-from tokenprune.errors import ConfigError
-from tokenprune.report import build_report, pareto_front
-from tokenprune.results import CorruptLineWarning, ResultStore, merge_rows, read_rows
-from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava
-from tokenprune.toyvqa import GRID, IMAGE_SIZE, PATCH_SIZE, generate_samples
+from tokenprune.registry import STRATEGIES
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, toy_llava
 
 ROOT = Path(__file__).parents[1]
 @pytest.fixture(scope="module")
@@ -280,7 +280,7 @@ def test_default_config_lists_its_cells(capsys):
     assert "baseline" in listed[0]
     for name in ("fastv", "random", "uniform"):
         assert any(line.endswith(name) or f" {name} K=" in line for line in listed)
-    if "tome" in tp.strategies():
+    if "tome" in tp.list_strategies():
         assert any(" tome K=" in line for line in listed)
     else:
         assert "skipping strategy 'tome': not installed" in out.err
@@ -639,7 +639,7 @@ def test_resume_after_a_kill_runs_each_cell_once(tmp_path, checkpoint, dataset):
     results = tmp_path / "runs" / "killed" / "results.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tokenprune.cli", "ablate", str(config), "--no-report", "--threads", "1"],
+        [sys.executable, "-m", "tokenprune.lab.cli", "ablate", str(config), "--no-report", "--threads", "1"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 """`tokenprune ablate` on a Qwen2-VL checkpoint loaded through `from_pretrained`.
 
-The test saves a toy Qwen2-VL (random weights, `tokenprune.toy.toy_qwen2_vl`) with a real
+The test saves a toy Qwen2-VL (random weights, `tokenprune.testing.models.toy_qwen2_vl`) with a real
 `Qwen2VLProcessor` built offline: Qwen2-VL's image and video processors sized so that a 192 x 192
 toy image becomes 12 x 12 patches of 4 pixels, 6 x 6 = 36 tokens after the 2 x 2 merger, and a
 word-level tokenizer whose vision tokens sit at the toy config's ids. The run uses the builtin toy
@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from qwen_inputs import Item, QwenPrompt, qwen_inputs
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -28,13 +27,14 @@ from transformers import (
 )
 
 import tokenprune as tp
-from tokenprune.ablate import _prompt, expand_grid, load_ablation_config
-from tokenprune.builtin import word_tokenizer
-from tokenprune.cli import main
-from tokenprune.datasets import load_samples
-from tokenprune.results import read_rows
-from tokenprune.toy import PAD_TOKEN_ID, ToySize, qwen_token_ids, toy_qwen2_vl
-from tokenprune.toyvqa import IMAGE_SIZE, vocabulary
+from tokenprune.builtin.models import word_tokenizer
+from tokenprune.builtin.toyvqa import IMAGE_SIZE, vocabulary
+from tokenprune.lab.cli import main
+from tokenprune.lab.datasets import load_samples
+from tokenprune.lab.results import read_rows
+from tokenprune.lab.runner import _prompt, expand_grid, load_ablation_config
+from tokenprune.testing.models import PAD_TOKEN_ID, ToySize, qwen_token_ids, toy_qwen2_vl
+from tokenprune.testing.qwen_inputs import Item, QwenPrompt, qwen_inputs
 
 PATCH = 4
 MERGE = 2

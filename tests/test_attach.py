@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import Prompt, llava_inputs
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
 import tokenprune as tp
-from tokenprune.toy import toy_llava
+from tokenprune.testing.models import toy_llava
+from tokenprune.testing.oracles import Prompt, llava_inputs
 
 
 def hook_state(model: torch.nn.Module) -> dict[str, tuple]:

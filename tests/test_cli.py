@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tokenprune.cli import main
-from tokenprune.toy import ToySize, toy_llava
+from tokenprune.lab.cli import main
+from tokenprune.testing.models import ToySize, toy_llava
 
 FAST = {"repeats": 1, "max_new_tokens": 2, "text_tokens": 6}
 
@@ -56,6 +56,6 @@ def test_bad_configs_name_the_problem(tmp_path, capsys, fields, message):
 
 def test_console_script_lists_names():
     out = subprocess.run(
-        [sys.executable, "-m", "tokenprune.cli", "strategies"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "tokenprune.lab.cli", "strategies"], capture_output=True, text=True, check=True
     )
     assert {"fastv", "random", "uniform"} <= set(out.stdout.split())

@@ -8,13 +8,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, llava_inputs, oracle_masks, removed_positions
 from tokenprune.strategies.dart import Dart, least_duplicated
 
 import tokenprune as tp
-from tokenprune.api import STRATEGIES
-from tokenprune.reducer import split_budget, top_k_mask
-from tokenprune.toy import IMAGE_TOKEN_ID
+from tokenprune.contracts.reducer import split_budget, top_k_mask
+from tokenprune.registry import STRATEGIES
+from tokenprune.testing.models import IMAGE_TOKEN_ID
+from tokenprune.testing.oracles import Prompt, llava_inputs, oracle_masks, removed_positions
 
 TOL = 1e-5
 

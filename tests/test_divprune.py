@@ -7,10 +7,10 @@ import math
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, llava_inputs
 from tokenprune.strategies.divprune import max_min_diverse
 
 import tokenprune as tp
+from tokenprune.testing.oracles import Prompt, llava_inputs
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:

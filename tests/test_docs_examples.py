@@ -2,7 +2,7 @@
 
 Every ```python block preceded by a `<!-- tested -->` line in the guides below is executed on its
 own, in a fresh namespace: the examples are self-contained (they build the toy models of
-`tokenprune.toy`) and must leave nothing registered or attached behind.
+`tokenprune.testing.models`) and must leave nothing registered or attached behind.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenprune.api import ADAPTERS, STRATEGIES
+from tokenprune.registry import ADAPTERS, STRATEGIES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 GUIDES = [

@@ -15,7 +15,9 @@ import torch
 from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import (
+
+import tokenprune as tp
+from tokenprune.testing.oracles import (
     Prompt,
     assert_same_greedy,
     generation_positions,
@@ -24,8 +26,6 @@ from oracles import (
     oracle_greedy,
     oracle_logits,
 )
-
-import tokenprune as tp
 
 STRATEGIES = list(BUILT_IN_STRATEGIES)
 # The mask oracle is the claim of pruning; merging strategies have their own oracle (test_tome.py).

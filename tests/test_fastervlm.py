@@ -16,11 +16,11 @@ import timm
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, class_token_view, generation_positions, llava_inputs
 from tokenprune.strategies.fastervlm import FasterVLM
 
 import tokenprune as tp
-from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava, toy_qwen2_vl
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, toy_llava, toy_qwen2_vl
+from tokenprune.testing.oracles import Prompt, class_token_view, generation_positions, llava_inputs
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, llava_inputs
 from tokenprune.strategies.feather import Feather, whole
 from tokenprune.strategies.uniform import lattice
 
 import tokenprune as tp
-from tokenprune.api import STRATEGIES
-from tokenprune.reducer import top_k_mask
-from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava
+from tokenprune.contracts.reducer import top_k_mask
+from tokenprune.registry import STRATEGIES
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, toy_llava
+from tokenprune.testing.oracles import Prompt, llava_inputs
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TOL = 1e-5

@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaModel
 
 import tokenprune as tp
+from tokenprune.core.selection import ReductionEvent
 from tokenprune.flops import (
     LayerShape,
     layer_flops,
@@ -18,8 +19,7 @@ from tokenprune.flops import (
     tokens_per_layer,
     trace_flops,
 )
-from tokenprune.session import ReductionEvent
-from tokenprune.toy import IMAGE_TOKEN_ID, toy_llava
+from tokenprune.testing.models import IMAGE_TOKEN_ID, toy_llava
 
 SYSTEM, IMAGE = 36, 576  # the paper's n = 612
 

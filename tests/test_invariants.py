@@ -6,10 +6,10 @@ import torch
 from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, llava_inputs
 
 import tokenprune as tp
-from tokenprune.toy import IMAGE_TOKEN_ID
+from tokenprune.testing.models import IMAGE_TOKEN_ID
+from tokenprune.testing.oracles import Prompt, llava_inputs
 
 prompts = st.builds(
     lambda text, images: Prompt(text[: images + 1], images),

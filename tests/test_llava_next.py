@@ -6,7 +6,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import (
+from tokenprune.adapters.llava_next import LlavaNextAdapter
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+import tokenprune as tp
+from tokenprune.testing.models import IMAGE_TOKEN_ID
+from tokenprune.testing.oracles import (
     Prompt,
     assert_same_greedy,
     generation_positions,
@@ -14,11 +19,6 @@ from oracles import (
     oracle_greedy,
     oracle_logits,
 )
-from tokenprune.adapters.llava_next import LlavaNextAdapter
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-import tokenprune as tp
-from tokenprune.toy import IMAGE_TOKEN_ID
 
 SIZES = st.tuples(st.integers(12, 60), st.integers(12, 60))
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracles import Prompt, llava_inputs, oracle_masks, removed_positions
-from qwen_inputs import Item, QwenPrompt, qwen_inputs
 
 import tokenprune as tp
-from tokenprune.api import STRATEGIES
-from tokenprune.reducer import top_k_mask
-from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava, toy_qwen2_vl
+from tokenprune.contracts.reducer import top_k_mask
+from tokenprune.registry import STRATEGIES
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, toy_llava, toy_qwen2_vl
+from tokenprune.testing.oracles import Prompt, llava_inputs, oracle_masks, removed_positions
+from tokenprune.testing.qwen_inputs import Item, QwenPrompt, qwen_inputs
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TOL = 1e-5

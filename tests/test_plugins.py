@@ -25,9 +25,9 @@ import pydantic
 import torch
 
 import tokenprune as tp
-from tokenprune.toy import IMAGE_TOKEN_ID, toy_llava
+from tokenprune.testing.models import IMAGE_TOKEN_ID, toy_llava
 
-out = {"strategies": tp.strategies(), "adapters": tp.adapters()}
+out = {"strategies": tp.list_strategies(), "adapters": tp.list_adapters()}
 model = toy_llava()
 image = torch.full((1, 36), IMAGE_TOKEN_ID)  # the toy model's 6 x 6 patch grid
 ids = torch.cat([torch.tensor([[1, 5, 6]]), image, torch.tensor([[7, 8, 9, 10]])], dim=1)

@@ -12,14 +12,20 @@ import torch
 from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import assert_same_greedy, greedy
-from qwen_inputs import Item, QwenPrompt, qwen_inputs, qwen_oracle_greedy, qwen_oracle_logits
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from transformers import DynamicCache
 
 import tokenprune as tp
-from tokenprune.layout import grid_coords
-from tokenprune.toy import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, toy_qwen2_5_vl, toy_qwen2_vl
+from tokenprune.contracts.layout import grid_coords
+from tokenprune.testing.models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, toy_qwen2_5_vl, toy_qwen2_vl
+from tokenprune.testing.oracles import assert_same_greedy, greedy
+from tokenprune.testing.qwen_inputs import (
+    Item,
+    QwenPrompt,
+    qwen_inputs,
+    qwen_oracle_greedy,
+    qwen_oracle_logits,
+)
 
 STRATEGIES = list(BUILT_IN_STRATEGIES)
 # The mask oracle is the claim of pruning; merging strategies have their own oracle (test_tome.py).

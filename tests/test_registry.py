@@ -19,8 +19,7 @@ import pytest
 from torch import nn
 
 import tokenprune as tp
-from tokenprune.api import ADAPTERS, STRATEGIES
-from tokenprune.registry import Registry
+from tokenprune.registry import ADAPTERS, STRATEGIES, Registry
 
 BROKEN_MODULE = "tp_test_broken_plugin"
 GROUPS = {"strategy": "tokenprune.strategies", "adapter": "tokenprune.adapters"}
@@ -79,16 +78,16 @@ def toy(llava_sdpa: nn.Module) -> nn.Module:
 # -- names ---------------------------------------------------------------------------------
 
 
-def test_listing_functions_survive_loading_the_built_in_plugins(toy: nn.Module) -> None:
-    """`tp.strategies` / `tp.adapters` share their names with the subpackages holding the built-ins:
-    importing a built-in must not rebind the package attribute to the subpackage."""
+def test_built_in_subpackages_are_importable_beside_the_listing_functions(toy: nn.Module) -> None:
+    """`tokenprune.strategies` / `tokenprune.adapters` are the subpackages holding the built-ins (users
+    subclass them); the listings are `tp.list_strategies` / `tp.list_adapters`, timm's convention."""
     import tokenprune.adapters.llava
-    import tokenprune.strategies.fastv  # noqa: F401
+    import tokenprune.strategies.fastv
 
-    tp.strategy_class("fastv")
-    tp.adapter_for(toy, "llava")
-    assert callable(tp.strategies) and "fastv" in tp.strategies()
-    assert callable(tp.adapters) and "llava" in tp.adapters()
+    assert tp.strategy_class("fastv") is tokenprune.strategies.fastv.FastV
+    assert type(tp.adapter_for(toy, "llava")) is tokenprune.adapters.llava.LlavaAdapter
+    assert tp.strategies is tokenprune.strategies and tp.adapters is tokenprune.adapters
+    assert "fastv" in tp.list_strategies("fast*") and tp.list_adapters("llava*") == ["llava", "llava_next"]
 
 
 def test_unknown_name_lists_known_names_and_suggests_the_closest(declare) -> None:
@@ -111,7 +110,7 @@ def test_unknown_name_lists_known_names_and_suggests_the_closest(declare) -> Non
 def test_unknown_names_through_the_public_api(toy: nn.Module) -> None:
     with pytest.raises(tp.UnknownNameError, match="Did you mean 'fastv'") as caught:
         tp.strategy_class("fastvv")
-    assert all(name in str(caught.value) for name in tp.strategies())
+    assert all(name in str(caught.value) for name in tp.list_strategies())
     with pytest.raises(pydantic.ValidationError, match="Did you mean 'uniform'"):
         tp.ReductionConfig(strategy="unifrom", layer=1, ratio=0.5)
     with pytest.raises(tp.UnknownNameError, match=r"unknown adapter 'lava'\. Did you mean 'llava'"):
@@ -119,11 +118,11 @@ def test_unknown_names_through_the_public_api(toy: nn.Module) -> None:
 
 
 def test_wildcards_filter_sorted_names(declare) -> None:
-    assert "fastv" in tp.strategies("f*")
-    assert all(name.startswith("f") for name in tp.strategies("f*"))
-    assert tp.strategies("*") == tp.strategies() == sorted(tp.strategies())
-    assert tp.strategies("no_such_strategy_*") == []
-    assert "llava" in tp.adapters("llava*")
+    assert "fastv" in tp.list_strategies("f*")
+    assert all(name.startswith("f") for name in tp.list_strategies("f*"))
+    assert tp.list_strategies("*") == tp.list_strategies() == sorted(tp.list_strategies())
+    assert tp.list_strategies("no_such_strategy_*") == []
+    assert "llava" in tp.list_adapters("llava*")
     registry = Registry("strategy", "tokenprune.test_group", tp.Reducer)
     declare(
         "tokenprune.test_group",
@@ -144,7 +143,7 @@ def test_a_name_declared_by_two_packages_fails_only_when_used(declare) -> None:
         _entry_point("twin", "pkg_one.twin:Twin", "tokenprune-plugin-one"),
         _entry_point("twin", "pkg_two.twin:Twin", "tokenprune-plugin-two"),
     )
-    assert "twin" in tp.strategies()  # listing works
+    assert "twin" in tp.list_strategies()  # listing works
     assert tp.strategy_class("fastv") is not None  # other names work
     with pytest.raises(tp.PluginError) as caught:
         tp.strategy_class("twin")
@@ -181,7 +180,7 @@ def test_a_clash_stays_a_clash_when_the_first_class_is_declared_again(declare) -
 
 def test_a_broken_plugin_breaks_only_its_own_name(declare, broken_module: str) -> None:
     declare(GROUPS["strategy"], _entry_point("broken", f"{broken_module}:Broken", "tokenprune-broken"))
-    assert "broken" in tp.strategies()
+    assert "broken" in tp.list_strategies()
     with pytest.raises(tp.PluginError) as caught:
         tp.strategy_class("broken")
     message = str(caught.value)
@@ -213,9 +212,9 @@ def test_plugins_are_imported_lazily_and_a_broken_one_does_not_break_import(tmp_
         f"""
         import sys
         import tokenprune as tp
-        names = tp.strategies()
+        names = tp.list_strategies()
         assert {{"broken", "lazy", "fastv"}} <= set(names), names
-        assert "broken_adapter" in tp.adapters(), tp.adapters()
+        assert "broken_adapter" in tp.list_adapters(), tp.list_adapters()
         assert "tp_test_lazy_plugin" not in sys.modules, "listing names imported a plug-in"
         try:
             tp.strategy_class("broken")
@@ -225,7 +224,7 @@ def test_plugins_are_imported_lazily_and_a_broken_one_does_not_break_import(tmp_
             raise AssertionError("a broken plug-in loaded")
         assert tp.strategy_class("lazy").__name__ == "RandomSelection"
         assert "tp_test_lazy_plugin" in sys.modules
-        from tokenprune.toy import toy_llava
+        from tokenprune.testing.models import toy_llava
         assert type(tp.adapter_for(toy_llava())).__name__ == "LlavaAdapter"
         print("ok")
         """
@@ -249,14 +248,14 @@ def test_register_strategy_decorator(toy: nn.Module) -> None:
             return view.candidates & (rank <= view.budget[:, None])
 
     try:
-        assert "test_keep_first" in tp.strategies("test_*")
+        assert "test_keep_first" in tp.list_strategies("test_*")
         assert tp.strategy_class("test_keep_first") is KeepFirst
         assert tp.register_strategy("test_keep_first")(KeepFirst) is KeepFirst  # the same class again: fine
         cfg = tp.ReductionConfig(strategy="test_keep_first", layer=1, keep=4)
         assert cfg.params == {}
     finally:
         STRATEGIES.unregister("test_keep_first")
-    assert "test_keep_first" not in tp.strategies()
+    assert "test_keep_first" not in tp.list_strategies()
     with pytest.raises(tp.UnknownNameError):
         tp.strategy_class("test_keep_first")
 
@@ -301,12 +300,12 @@ def test_register_adapter_decorator(toy: nn.Module) -> None:
         model_types = ()
 
     try:
-        assert "test_llava_by_name" in tp.adapters()
+        assert "test_llava_by_name" in tp.list_adapters()
         assert type(tp.adapter_for(toy, "test_llava_by_name")) is ByName
         assert type(tp.adapter_for(toy)) is not ByName  # empty model_types: never chosen automatically
     finally:
         ADAPTERS.unregister("test_llava_by_name")
-    assert "test_llava_by_name" not in tp.adapters()
+    assert "test_llava_by_name" not in tp.list_adapters()
 
 
 # -- adapter choice ---------------------------------------------------------------------------
@@ -314,7 +313,7 @@ def test_register_adapter_decorator(toy: nn.Module) -> None:
 
 def test_automatic_adapter_choice_skips_a_broken_adapter(declare, broken_module: str, toy: nn.Module) -> None:
     declare(GROUPS["adapter"], _entry_point("aaa_broken", f"{broken_module}:Adapter", "tokenprune-broken"))
-    assert tp.adapters()[0] == "aaa_broken"  # tried first
+    assert tp.list_adapters()[0] == "aaa_broken"  # tried first
     assert type(tp.adapter_for(toy)).__name__ == "LlavaAdapter"
     with tp.attach(toy, tp.ReductionConfig(strategy="uniform", layer=1, ratio=0.5)) as handle:
         assert type(handle.adapter).__name__ == "LlavaAdapter"
@@ -335,7 +334,7 @@ def test_attach_without_an_adapter_lists_the_adapters() -> None:
         message = str(caught.value)
         assert f"model_type {model_type!r}" in message
         assert "llava" in message
-        assert all(name in message for name in tp.adapters())
+        assert all(name in message for name in tp.list_adapters())
         assert "adapter=" in message
 
 

@@ -7,11 +7,11 @@ import torch
 from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, llava_inputs
 from tokenprune.strategies.uniform import lattice, strided
 
 import tokenprune as tp
-from tokenprune.reducer import split_budget, top_k_mask
+from tokenprune.contracts.reducer import split_budget, top_k_mask
+from tokenprune.testing.oracles import Prompt, llava_inputs
 
 
 def test_top_k_breaks_ties_towards_earlier_tokens():
@@ -87,7 +87,7 @@ def recorded_signals():
             return torch.zeros_like(view.valid, dtype=torch.float32)
 
     yield seen
-    tp.api.STRATEGIES.unregister("recording")
+    tp.registry.STRATEGIES.unregister("recording")
 
 
 @torch.no_grad()

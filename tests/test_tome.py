@@ -12,7 +12,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import (
+from torch import Tensor
+
+import tokenprune as tp
+from tokenprune.testing.models import toy_qwen2_vl
+from tokenprune.testing.oracles import (
     Prompt,
     assert_kept_logits_match,
     generation_positions,
@@ -20,11 +24,7 @@ from oracles import (
     llava_inputs,
     recomputed_greedy,
 )
-from qwen_inputs import Item, QwenPrompt, qwen_inputs
-from torch import Tensor
-
-import tokenprune as tp
-from tokenprune.toy import toy_qwen2_vl
+from tokenprune.testing.qwen_inputs import Item, QwenPrompt, qwen_inputs
 
 LOGIT_TOL = 1e-4
 
@@ -163,7 +163,7 @@ def test_a_broken_merge_is_refused(llava_sdpa, into_text, combine, message):
         ):
             forward(llava_sdpa, llava_inputs([Prompt([2, 2], 1)]))
     finally:
-        tp.api.STRATEGIES.unregister("broken_merge_test")
+        tp.registry.STRATEGIES.unregister("broken_merge_test")
 
 
 @torch.no_grad()

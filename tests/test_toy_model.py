@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from tokenprune.builtin import (
+from tokenprune.builtin.models import (
     TOY_LLAVA_DIR,
     BuiltinModel,
     answer_questions,
@@ -19,8 +19,16 @@ from tokenprune.builtin import (
     toy_llava_processor,
     vqa_accuracy,
 )
+from tokenprune.builtin.toyvqa import (
+    COLOURS,
+    COUNTS,
+    GRID,
+    IMAGE_SIZE,
+    SHAPES,
+    generate_samples,
+    normalize_answer,
+)
 from tokenprune.errors import ConfigError
-from tokenprune.toyvqa import COLOURS, COUNTS, GRID, IMAGE_SIZE, SHAPES, generate_samples, normalize_answer
 
 HELDOUT_SLICE = 64
 ACCURACY_FLOOR = 0.9

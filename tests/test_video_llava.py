@@ -17,7 +17,14 @@ import torch
 from conftest import BUILT_IN_STRATEGIES
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import (
+from test_docs_examples import marked_blocks
+from tokenprune.adapters.video_llava import VideoLlavaAdapter
+from tokenprune.strategies.uniform import lattice
+
+import tokenprune as tp
+from tokenprune.contracts.reducer import split_budget
+from tokenprune.testing.models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, toy_video_llava
+from tokenprune.testing.oracles import (
     TEXT_IDS,
     assert_same_greedy,
     generation_positions,
@@ -25,16 +32,7 @@ from oracles import (
     oracle_greedy,
     oracle_logits,
 )
-from oracles import (
-    greedy as greedy_with_logits,
-)
-from test_docs_examples import marked_blocks
-from tokenprune.adapters.video_llava import VideoLlavaAdapter
-from tokenprune.strategies.uniform import lattice
-
-import tokenprune as tp
-from tokenprune.reducer import split_budget
-from tokenprune.toy import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, toy_video_llava
+from tokenprune.testing.oracles import greedy as greedy_with_logits
 
 STRATEGIES = list(BUILT_IN_STRATEGIES)
 # The mask oracle is the claim of pruning; merging strategies have their own oracle (test_tome.py).
@@ -216,7 +214,7 @@ def test_inconsistent_inputs_are_input_errors(video_llava):
 
 
 def test_chosen_automatically(video_llava):
-    assert "video_llava" in tp.adapters()
+    assert "video_llava" in tp.list_adapters()
     with tp.attach(video_llava, tp.ReductionConfig(ratio=0.5)) as handle:
         assert isinstance(handle.adapter, VideoLlavaAdapter)
 

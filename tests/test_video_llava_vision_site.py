@@ -14,16 +14,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import (
-    assert_kept_logits_match,
-    hooked,
-    oracle_masks,
-    tower_mask_hooks,
-)
 from test_video_llava import FRAME_TOKENS, IMAGE_TOKENS, SIDE, media_inputs, prompts_with
 from test_vision_site import PRUNING, forward, vision
 
 import tokenprune as tp
+from tokenprune.testing.oracles import assert_kept_logits_match, hooked, oracle_masks, tower_mask_hooks
 
 LOGIT_TOL = 1e-4
 

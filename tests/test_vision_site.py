@@ -18,7 +18,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import (
+from test_video_llava import encoded, media_inputs
+from torch import Tensor, nn
+
+import tokenprune as tp
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, toy_llava
+from tokenprune.testing.oracles import (
     Prompt,
     assert_kept_logits_match,
     generation_positions,
@@ -29,15 +34,10 @@ from oracles import (
     recomputed_greedy,
     tower_mask_hooks,
 )
-from test_video_llava import encoded, media_inputs
-from torch import Tensor, nn
-
-import tokenprune as tp
-from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava
 
 LOGIT_TOL = 1e-4
 # Every installed strategy that acts in a vision encoder goes through these tests.
-VISION = [name for name in tp.strategies() if "vision" in tp.strategy_class(name).sites]
+VISION = [name for name in tp.list_strategies() if "vision" in tp.strategy_class(name).sites]
 PRUNING = [name for name in VISION if not tp.strategy_class(name).merges]
 
 prompts = st.builds(

@@ -18,13 +18,13 @@ import timm
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import Prompt, class_token_view, generation_positions, llava_inputs
 from pydantic import ValidationError
 from tokenprune.strategies.visionzip import VisionZip, split_counts
 
 import tokenprune as tp
-from tokenprune.merging import merge_target_plus_mean, sources
-from tokenprune.toy import IMAGE_TOKEN_ID, ToySize, toy_llava, toy_qwen2_vl
+from tokenprune.core.merging import merge_target_plus_mean, sources
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, toy_llava, toy_qwen2_vl
+from tokenprune.testing.oracles import Prompt, class_token_view, generation_positions, llava_inputs
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 TOL = 1e-5

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import tokenprune as tp
-from tokenprune.visualize import BORDER, draw_groups, group_image, patch_groups
+from tokenprune.lab.visualize import BORDER, draw_groups, group_image, patch_groups
 
 
 def test_group_image_paints_each_group_in_its_mean_colour():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tome_reference import reference_forward
 
 import tokenprune as tp
-from tokenprune.merging import sources
+from tokenprune.core.merging import sources
 
 TOL = 1e-5
 SIZE = {"img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 4, "num_classes": 10}

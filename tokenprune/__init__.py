@@ -5,25 +5,28 @@ handle = tp.attach(model, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.
 model.generate(**inputs)
 handle.trace[0].kept
 handle.detach()
+
+Rooms, each importing only those listed after it: `api` (attach) -> `core` (the mechanics) ->
+`config` -> `registry` -> `contracts` (what strategies and adapters implement) -> `indexing`,
+`errors`. `lab` (ablations, CLI), `builtin` (the toy model and task) and `testing` (tiny models,
+oracles) sit on top; `import tokenprune` loads none of them.
 """
 
-# The built-in subpackages share their names with the listing functions `adapters` and
-# `strategies`: import them first, so the functions bound below stay the package's attributes.
-from tokenprune import adapters as _builtin_adapters  # noqa: F401
-from tokenprune import strategies as _builtin_strategies  # noqa: F401
-from tokenprune.adapter import Adapter
-from tokenprune.api import (
-    Handle,
-    SelectionTimer,
-    adapter_for,
-    adapters,
-    attach,
-    register_adapter,
-    register_strategy,
-    strategies,
-    strategy_class,
-)
+from tokenprune.api import Handle, SelectionTimer, attach
 from tokenprune.config import ReductionConfig, Stage, load_config
+from tokenprune.contracts.adapter import Adapter
+from tokenprune.contracts.layout import Segment, VisualLayout
+from tokenprune.contracts.reducer import (
+    Merge,
+    NoParams,
+    Reducer,
+    ScoreReducer,
+    Signals,
+    SignalUnavailable,
+    TokenView,
+)
+from tokenprune.core.schedule import removals_per_layer, schedule_stages
+from tokenprune.core.selection import ReductionEvent
 from tokenprune.errors import (
     AttachError,
     ConfigError,
@@ -33,10 +36,14 @@ from tokenprune.errors import (
     TokenPruneError,
     UnknownNameError,
 )
-from tokenprune.layout import Segment, VisualLayout
-from tokenprune.reducer import Merge, NoParams, Reducer, ScoreReducer, Signals, SignalUnavailable, TokenView
-from tokenprune.schedule import removals_per_layer, schedule_stages
-from tokenprune.session import ReductionEvent
+from tokenprune.registry import (
+    adapter_for,
+    list_adapters,
+    list_strategies,
+    register_adapter,
+    register_strategy,
+    strategy_class,
+)
 
 __version__ = "0.1.0"
 
@@ -64,13 +71,13 @@ __all__ = [
     "UnknownNameError",
     "VisualLayout",
     "adapter_for",
-    "adapters",
     "attach",
+    "list_adapters",
+    "list_strategies",
     "load_config",
     "register_adapter",
     "register_strategy",
     "removals_per_layer",
     "schedule_stages",
-    "strategies",
     "strategy_class",
 ]

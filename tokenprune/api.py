@@ -1,72 +1,35 @@
-"""The public entry points: registries, `attach`, and the handle it returns."""
+"""Attaching: `attach` checks a config against a model, picks the core driver for its adapter, and
+returns the `Handle` that reads the trace and detaches."""
 
 from __future__ import annotations
 
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from tokenprune.adapter import Adapter, BaseAdapter
-from tokenprune.errors import AttachError, ConfigError, PluginError
-from tokenprune.reducer import Merge, Reducer, TokenView
-from tokenprune.registry import Registry
+from tokenprune.config import ReductionConfig
+from tokenprune.contracts.adapter import Adapter, BaseAdapter, EncoderAdapter
+from tokenprune.contracts.probe import unavailable_at
+from tokenprune.contracts.reducer import Merge, Reducer, TokenView
+from tokenprune.core.encoder_session import EncoderSession
+from tokenprune.core.language.session import Session
+from tokenprune.core.selection import ReductionEvent
+from tokenprune.errors import AttachError, ConfigError
+from tokenprune.registry import adapter_for, strategy_class
 
-if TYPE_CHECKING:
-    from tokenprune.config import ReductionConfig
-    from tokenprune.session import ReductionEvent, Session
-
-STRATEGIES: Registry[Reducer] = Registry("strategy", "tokenprune.strategies", Reducer)
-ADAPTERS: Registry[BaseAdapter] = Registry("adapter", "tokenprune.adapters", BaseAdapter)
-
-register_strategy = STRATEGIES.register
-register_adapter = ADAPTERS.register
+Driver = Session | EncoderSession
 
 _attached: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
-
-
-def strategies(pattern: str = "*") -> list[str]:
-    """Names of the strategies available (built-in and installed plug-ins), filtered by a wildcard."""
-    return STRATEGIES.names(pattern)
-
-
-def adapters(pattern: str = "*") -> list[str]:
-    """Names of the model adapters available, filtered by a wildcard."""
-    return ADAPTERS.names(pattern)
-
-
-def strategy_class(name: str) -> type[Reducer]:
-    """The Reducer class registered as `name` (errors list the known names)."""
-    return STRATEGIES.get(name)
-
-
-def adapter_for(model: nn.Module, name: str | None = None) -> BaseAdapter:
-    """The adapter named `name`, or the one whose `model_types` include the model's type."""
-    if name is not None:
-        return ADAPTERS.get(name)(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    for candidate in ADAPTERS.names():
-        try:
-            cls = ADAPTERS.get(candidate)
-        except PluginError:
-            continue  # a broken plug-in only loses its own models
-        if cls.supports(model):
-            return cls(model)
-    raise AttachError(
-        f"no adapter for {type(model).__name__} (model_type {model_type!r}); "
-        f"adapters available: {', '.join(adapters())}. "
-        "Pass adapter=... or write one (docs/writing-an-adapter.md)"
-    )
 
 
 class Handle:
     """A reduction attached to a model: read `trace`, call `detach()` (or use it as a context manager)."""
 
-    def __init__(self, session: Session) -> None:
-        self._session: Session | None = session
+    def __init__(self, session: Driver) -> None:
+        self._session: Driver | None = session
 
     @property
     def trace(self) -> list[ReductionEvent]:
@@ -110,7 +73,7 @@ class Handle:
         _attached.pop(self._session.model, None)
         self._session = None
 
-    def _live(self) -> Session:
+    def _live(self) -> Driver:
         if self._session is None:
             raise AttachError("this handle was detached")
         return self._session
@@ -167,16 +130,27 @@ def attach(model: nn.Module, config: ReductionConfig, adapter: str | None = None
     reducer_cls = strategy_class(config.strategy)
     if isinstance(chosen, Adapter):
         _check_sites(chosen, config, reducer_cls)
-    session = chosen.session(config, reducer_cls(reducer_cls.Params.model_validate(config.params)))
+    reducer = reducer_cls(reducer_cls.Params.model_validate(config.params))
+    session = _driver(chosen, config, reducer)
     session.install()
     handle = Handle(session)
     _attached[model] = handle
     return handle
 
 
-def _check_sites(adapter: Adapter, config: ReductionConfig, reducer_cls: type[Reducer]) -> None:
-    from tokenprune.probe import unavailable_at
+def _driver(adapter: BaseAdapter, config: ReductionConfig, reducer: Reducer) -> Driver:
+    """The core mechanics that drive this kind of adapter (each refuses configs it cannot run)."""
+    if isinstance(adapter, EncoderAdapter):
+        return EncoderSession(adapter, config, reducer)
+    if isinstance(adapter, Adapter):
+        return Session(adapter.model, adapter, config, reducer)
+    raise AttachError(
+        f"adapter {type(adapter).__name__} is neither an `Adapter` (a vision-language model) nor an "
+        "`EncoderAdapter` (a vision transformer): subclass one of them"
+    )
 
+
+def _check_sites(adapter: Adapter, config: ReductionConfig, reducer_cls: type[Reducer]) -> None:
     if not config.stages:
         raise ConfigError(
             f"strategy {config.strategy!r} has a per-block schedule of its own (e.g. ToMe's `r`), which "

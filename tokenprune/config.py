@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tokenprune.errors import ConfigError, TokenPruneError, describe_errors
+from tokenprune.registry import strategy_class
 
 DEFAULT_STRATEGY = "fastv"
 DEFAULT_LAYER = 2  # FastV's K: layers 0 and 1 see every token
@@ -106,8 +107,6 @@ class ReductionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fill_shorthand_and_params(self) -> Self:
-        from tokenprune.api import strategy_class  # the registry imports plug-ins: keep config import light
-
         reducer = strategy_class(self.strategy)
         try:
             params = reducer.Params.model_validate(self.params)
@@ -132,8 +131,6 @@ class ReductionConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        from tokenprune.api import strategy_class
-
         try:
             strategy_class(name)
         except TokenPruneError as exc:  # unknown (with the known names) or a broken plug-in

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tokenprune.session import ReductionEvent
+    from tokenprune.core.selection import ReductionEvent
 
 BILLION = 1e9
 

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import entrypoints
+from torch import nn
 
-from tokenprune.errors import PluginError, UnknownNameError
+from tokenprune.contracts.adapter import BaseAdapter
+from tokenprune.contracts.reducer import Reducer
+from tokenprune.errors import AttachError, PluginError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -119,3 +122,43 @@ def _conflict(kind: str, name: str, first: _Source, second: str) -> Callable[[],
         raise PluginError(f"{kind} name {name!r} is declared twice: by {first.origin} and by {second}")
 
     return fail
+
+
+STRATEGIES: Registry[Reducer] = Registry("strategy", "tokenprune.strategies", Reducer)
+ADAPTERS: Registry[BaseAdapter] = Registry("adapter", "tokenprune.adapters", BaseAdapter)
+
+register_strategy = STRATEGIES.register
+register_adapter = ADAPTERS.register
+
+def list_strategies(pattern: str = "*") -> list[str]:
+    """Names of the strategies available (built-in and installed plug-ins), filtered by a wildcard."""
+    return STRATEGIES.names(pattern)
+
+
+def list_adapters(pattern: str = "*") -> list[str]:
+    """Names of the model adapters available, filtered by a wildcard."""
+    return ADAPTERS.names(pattern)
+
+
+def strategy_class(name: str) -> type[Reducer]:
+    """The Reducer class registered as `name` (errors list the known names)."""
+    return STRATEGIES.get(name)
+
+
+def adapter_for(model: nn.Module, name: str | None = None) -> BaseAdapter:
+    """The adapter named `name`, or the one whose `model_types` include the model's type."""
+    if name is not None:
+        return ADAPTERS.get(name)(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    for candidate in ADAPTERS.names():
+        try:
+            cls = ADAPTERS.get(candidate)
+        except PluginError:
+            continue  # a broken plug-in only loses its own models
+        if cls.supports(model):
+            return cls(model)
+    raise AttachError(
+        f"no adapter for {type(model).__name__} (model_type {model_type!r}); "
+        f"adapters available: {', '.join(list_adapters())}. "
+        "Pass adapter=... or write one (docs/writing-an-adapter.md)"
+    )

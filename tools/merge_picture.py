@@ -3,7 +3,7 @@
     python tools/merge_picture.py
 
 A timm ViT-B/16 with random weights (seeded: no download) merges with r=16 per block; the groups
-of the last block are drawn over the input by `tokenprune.visualize.draw_groups`. With random
+of the last block are drawn over the input by `tokenprune.lab.visualize.draw_groups`. With random
 weights the keys follow the patches' colours, not their meaning: flat regions merge first.
 """
 
@@ -16,7 +16,7 @@ import timm
 import torch
 
 import tokenprune as tp
-from tokenprune.visualize import draw_groups, patch_groups
+from tokenprune.lab.visualize import draw_groups, patch_groups
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images" / "tome-groups.png"
 

@@ -34,14 +34,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tokenprune.builtin import (
+from tokenprune.builtin.models import (
     TOY_LLAVA_DIR,
     BuiltinModel,
     answer_questions,
     toy_llava_processor,
     vqa_accuracy,
 )
-from tokenprune.toyvqa import (
+from tokenprune.builtin.toyvqa import (
     COUNTS,
     GRID,
     IMAGE_SIZE,

@@ -1,7 +1,7 @@
 """An example tokenprune plug-in package: one strategy (`norm`) and one adapter (`example_llava`).
 
 Both are declared as entry points in this package's pyproject.toml; once the package is
-installed, `tokenprune.strategies()` lists `norm` and `tokenprune.adapters()` lists
+installed, `tokenprune.list_strategies()` lists `norm` and `tokenprune.list_adapters()` lists
 `example_llava`, and `tokenprune` imports them the first time their name is used.
 """
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from tokenprune import Adapter, Segment, VisualLayout
-from tokenprune.layout import grid_coords, line_coords, placeholder_runs
+from tokenprune.contracts.layout import grid_coords, line_coords, placeholder_runs
 
 
 class ExampleLlavaAdapter(Adapter):

@@ -25,8 +25,7 @@ from transformers import (
     ProcessorMixin,
 )
 
-from tokenprune.errors import ConfigError
-from tokenprune.toyvqa import (
+from tokenprune.builtin.toyvqa import (
     IMAGE_SIZE,
     PATCH_SIZE,
     Split,
@@ -35,6 +34,7 @@ from tokenprune.toyvqa import (
     normalize_answer,
     vocabulary,
 )
+from tokenprune.errors import ConfigError
 
 TOY_LLAVA_DIR = Path(__file__).parent / "data" / "toy-llava"
 BUILTIN_MODEL_DIRS = {"builtin:toy-llava": TOY_LLAVA_DIR}
@@ -105,7 +105,7 @@ def vqa_accuracy(predictions: Sequence[str], samples: Sequence[VQASample]) -> fl
     return hits / len(samples)
 
 
-TOY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")  # ids 0-4; <image> 3, as in tokenprune.toy
+TOY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")  # ids 0-4; <image> 3 (testing.models)
 
 
 def word_tokenizer(

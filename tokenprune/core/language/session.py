@@ -20,28 +20,23 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.adapter import Adapter
 from tokenprune.config import ReductionConfig, Stage
-from tokenprune.errors import AttachError, ConfigError, InputError
-from tokenprune.layout import VisualLayout
-from tokenprune.merging import follow_groups, initial_groups, key_bias, merge_tokens
-from tokenprune.probe import AttentionInputs
-from tokenprune.reducer import Reducer, Signals, TokenView, group_counts
-from tokenprune.selection import (
+from tokenprune.contracts.adapter import Adapter
+from tokenprune.contracts.layout import VisualLayout
+from tokenprune.contracts.probe import AttentionInputs
+from tokenprune.contracts.reducer import Reducer, Signals, TokenView, group_counts
+from tokenprune.core.masks import build_causal_mask
+from tokenprune.core.merging import follow_groups, initial_groups, key_bias, merge_tokens
+from tokenprune.core.selection import (
     ReductionEvent,
     check_selection,
     check_strategy_site,
     reduction_event,
     selection_parts,
 )
-from tokenprune.sequence import (
-    build_causal_mask,
-    compose,
-    gather_tokens,
-    left_aligned_index,
-    scatter_tokens,
-)
-from tokenprune.vision import VisionSite
+from tokenprune.core.vision_site import VisionSite
+from tokenprune.errors import AttachError, ConfigError, InputError
+from tokenprune.indexing import compose, gather_tokens, left_aligned_index, scatter_tokens
 
 
 @dataclass

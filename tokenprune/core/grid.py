@@ -1,85 +1,28 @@
-"""Reducing inside a vision transformer's blocks, between attention and MLP (where ToMe merges).
+"""Tokens of a [prefix, row-major patch grid] sequence, reduced in place: ViT blocks and VLM vision towers.
 
-A ViT has no text, no cache and no causal mask: every token but the protected prefix (class,
+Such a site has no text, no cache and no causal mask: every token but the protected prefix (class,
 distillation, register tokens) is a candidate, positions were added before the first block, and
-the order of tokens after a reduction is free. An `EncoderAdapter` describes one family (its
-blocks, how to run each half of a block, where its queries and keys are, how it pools); the
-`EncoderSession` drives any of them with the shared reducer, merging and source-tracking code.
+the order of tokens after a reduction is free.
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 
-from tokenprune.adapter import BaseAdapter
-from tokenprune.errors import ConfigError, InputError
-from tokenprune.layout import grid_coords
-from tokenprune.merging import follow_groups, initial_groups, key_bias, merge_tokens
-from tokenprune.reducer import Merge, Reducer, Signals, SignalUnavailable, TokenView
-from tokenprune.schedule import schedule_stages
-from tokenprune.selection import check_selection, check_strategy_site, reduction_event, selection_parts
-from tokenprune.sequence import gather_tokens
+from tokenprune.contracts.layout import grid_coords
+from tokenprune.contracts.reducer import Merge, Reducer, Signals, SignalUnavailable, TokenView
+from tokenprune.core.merging import follow_groups, initial_groups, key_bias, merge_tokens
+from tokenprune.core.selection import check_selection, reduction_event, selection_parts
+from tokenprune.errors import ConfigError
+from tokenprune.indexing import gather_tokens
 
 if TYPE_CHECKING:
-    from tokenprune.config import ReductionConfig, Stage
-    from tokenprune.selection import ReductionEvent
-
-Capture = Callable[[str, Tensor], None]
-
-
-class EncoderAdapter(BaseAdapter):
-    """A vision transformer: `prefix_tokens()` protected tokens, then a row-major patch grid."""
-
-    @abstractmethod
-    def entry_module(self) -> nn.Module:
-        """A module that runs first in every forward (the patch embedding): state is reset there."""
-
-    @abstractmethod
-    def blocks(self) -> Sequence[nn.Module]:
-        """The transformer blocks, in order."""
-
-    @abstractmethod
-    def prefix_tokens(self) -> int:
-        """How many leading tokens are never reduced (class, distillation, register tokens)."""
-
-    @abstractmethod
-    def has_class_token(self) -> bool:
-        """Whether the first prefix token is a class token (the query of `attention("class")`)."""
-
-    @abstractmethod
-    def grid(self) -> tuple[int, int]:
-        """(rows, cols) of the patch grid following the prefix tokens."""
-
-    @abstractmethod
-    def attend(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
-        """`x` plus the block's attention branch; `bias` [B, 1, 1, N] is added to every attention logit."""
-
-    @abstractmethod
-    def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
-        """`x` plus the block's MLP branch."""
-
-    @abstractmethod
-    def watch(self, block: nn.Module, capture: Capture) -> list[RemovableHandle]:
-        """Hooks that pass the block's attention `"queries"` and `"keys"` [B, H, N, d] to `capture`."""
-
-    @abstractmethod
-    def attention_scale(self, block: nn.Module) -> float:
-        """The factor applied to query-key products before the softmax."""
-
-    @abstractmethod
-    def size_weighted_pooling(self, sizes: Callable[[], Tensor | None]) -> Callable[[], None]:
-        """Make the model's pooling weigh each token by `sizes()` [B, N] (None: as is); returns the undo."""
-
-    def session(self, config: ReductionConfig, reducer: Reducer) -> EncoderSession:
-        return EncoderSession(self, config, reducer)
-
+    from tokenprune.config import Stage
+    from tokenprune.core.selection import ReductionEvent
 
 @dataclass
 class GridTokens:
@@ -198,84 +141,6 @@ class GridTokens:
             return logits.softmax(dim=-1).mean(dim=(1, 2))
 
         return Signals({"keys": lambda: keys.float().mean(dim=1), "attention": attention})
-
-
-class EncoderSession:
-    """The hooks of a reduction attached to a vision transformer; one `GridTokens` per forward."""
-
-    def __init__(self, adapter: EncoderAdapter, config: ReductionConfig, reducer: Reducer) -> None:
-        self.model = adapter.model
-        self.adapter = adapter
-        self.config = config
-        self.reducer = reducer
-        check_strategy_site(reducer, "vision")
-        self.stages = {stage.layer: stage for stage in self._stages()}
-        self.trace: list[ReductionEvent] = []
-        self._pass: GridTokens | None = None
-        self._undo: list[Callable[[], None]] = []
-
-    def _stages(self) -> tuple[Stage, ...]:
-        n_blocks = len(self.adapter.blocks())
-        stages = self.config.stages
-        if not stages:
-            removals = self.reducer.removals(n_blocks)
-            protected, (rows, cols) = self.adapter.prefix_tokens(), self.adapter.grid()
-            stages = schedule_stages(removals, protected + rows * cols, protected)
-        check_site_layers(stages, n_blocks, "block")
-        return stages
-
-    # -- attaching ------------------------------------------------------------------------------
-
-    def install(self) -> None:
-        entry = self.adapter.entry_module().register_forward_pre_hook(self._on_entry)
-        self._undo.append(entry.remove)
-        if not self.stages:
-            return
-        for layer, block in enumerate(self.adapter.blocks()):
-            if layer < min(self.stages):
-                continue
-            if layer in self.stages:
-                self._undo += [h.remove for h in self.adapter.watch(block, self._capture(layer))]
-            block.forward = self._block_forward(layer, block)
-            self._undo.append(lambda block=block: delattr(block, "forward"))
-        self._undo.append(self.adapter.size_weighted_pooling(self._current_sizes))
-
-    def remove(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
-        self._pass = None
-
-    def _on_entry(self, module: nn.Module, args: tuple) -> None:
-        adapter, order = self.adapter, self.config.token_order
-        self._pass = GridTokens(
-            self.reducer, adapter.prefix_tokens(), adapter.grid(), adapter.has_class_token(), order
-        )
-        self.trace = self._pass.events
-
-    def _capture(self, layer: int) -> Capture:
-        def capture(name: str, value: Tensor) -> None:
-            if self._pass is not None:
-                self._pass.capture(layer, name, value)
-
-        return capture
-
-    def _current_sizes(self) -> Tensor | None:
-        return None if self._pass is None else self._pass.sizes
-
-    def _block_forward(self, layer: int, block: nn.Module) -> Callable[..., Tensor]:
-        """The block run in its two halves, with the reduction (if any) between them."""
-
-        def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-            if attn_mask is not None or is_causal:
-                raise InputError("a ViT with a reduction attached takes no attention mask or causal flag")
-            tokens = self._pass
-            x = self.adapter.attend(block, x, None if tokens is None else tokens.bias(x.dtype))
-            if tokens is not None and layer in self.stages:
-                x = tokens.reduce(self.stages[layer], x, self.adapter.attention_scale(block))
-            return self.adapter.feed_forward(block, x)
-
-        return forward
 
 
 def check_site_layers(stages: tuple[Stage, ...], n_layers: int, unit: str) -> None:

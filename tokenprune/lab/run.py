@@ -21,7 +21,7 @@ from torch import nn
 import tokenprune as tp
 from tokenprune.errors import ConfigError, describe_errors
 from tokenprune.flops import trace_flops
-from tokenprune.toy import ToySize, toy_llava
+from tokenprune.testing.models import ToySize, toy_llava
 
 BUILTIN_MODELS: dict[str, Callable[[str], nn.Module]] = {
     "builtin:tiny-llava": lambda attn: toy_llava(

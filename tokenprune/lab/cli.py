@@ -11,7 +11,7 @@ import tokenprune as tp
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tokenprune.run import load_model, load_run_config, measure, report
+    from tokenprune.lab.run import load_model, load_run_config, measure, report
 
     config = load_run_config(args.config)
     torch.set_num_threads(args.threads) if args.threads else None
@@ -21,8 +21,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from tokenprune.ablate import parse_shard, run_ablation
-    from tokenprune.report import build_report
+    from tokenprune.lab.report import build_report
+    from tokenprune.lab.runner import parse_shard, run_ablation
 
     shard = parse_shard(args.shard) if args.shard else None
     folder = run_ablation(args.config, shard, args.dry_run, args.output, args.threads)
@@ -32,7 +32,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tokenprune.report import build_report
+    from tokenprune.lab.report import build_report
 
     for path in build_report(args.folders, args.out):
         print(path)
@@ -40,7 +40,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    print("\n".join(tp.strategies() if args.command == "strategies" else tp.adapters()))
+    print("\n".join(tp.list_strategies() if args.command == "strategies" else tp.list_adapters()))
     return 0
 
 

@@ -18,54 +18,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.encoder import GridTokens, check_site_layers
+from tokenprune.contracts.adapter import VisionTower
+from tokenprune.contracts.reducer import Reducer
+from tokenprune.core.grid import GridTokens, check_site_layers
+from tokenprune.core.selection import check_strategy_site
 from tokenprune.errors import ConfigError, InputError
-from tokenprune.reducer import Reducer
-from tokenprune.selection import check_strategy_site
 
 if TYPE_CHECKING:
     from tokenprune.config import Stage
-    from tokenprune.selection import ReductionEvent
+    from tokenprune.core.selection import ReductionEvent
 
 
 VISION_SIGNALS = frozenset({"keys", "attention"})
-
-
-@dataclass(frozen=True)
-class VisionTower:
-    """What an adapter exposes of one vision encoder for `site: vision` stages.
-
-    `layers`: encoder layers whose `self_attn` has `q_proj`, `k_proj`, `num_heads`, `head_dim` and
-    `scale`, each returning its hidden states; `feature_layer`: the layer whose output feeds the
-    projector (LLaVA's `vision_feature_layer=-2`: the penultimate); `prefix_tokens`: leading tokens
-    (the class token), never reduced; `projector`: its input is [items, tokens, D]. The features of
-    item i fill the i-th run of `placeholder_id` tokens of the batch (row-major): the patches only, or
-    with `keeps_prefix` the prefix tokens too (Video-LLaVA's video frames keep their class token).
-    """
-
-    layers: Sequence[nn.Module]
-    feature_layer: int
-    prefix_tokens: int
-    grid: tuple[int, int]
-    projector: nn.Module
-    placeholder_id: int
-    keeps_prefix: bool = False
-    modality: str = "image"  # its key in `mm_encoder_outputs`, where generate() passes the encoded items
-
-    @property
-    def tokens_per_item(self) -> int:
-        """Placeholders one item (an image, a frame) fills in the language model's input."""
-        return self.grid[0] * self.grid[1] + (self.prefix_tokens if self.keeps_prefix else 0)
-
-    def slots(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(item, token) [B, N] of each placeholder of this tower: its vision-batch item and token index
-        in the tower's sequence (prefix included); -1 elsewhere. Placeholders fill row-major."""
-        placeholders = input_ids == self.placeholder_id
-        order = torch.cumsum(placeholders.flatten(), 0).view_as(input_ids) - 1
-        first_token = 0 if self.keeps_prefix else self.prefix_tokens
-        item = torch.div(order, self.tokens_per_item, rounding_mode="floor").masked_fill(~placeholders, -1)
-        token = (order % self.tokens_per_item + first_token).masked_fill(~placeholders, -1)
-        return item, token
 
 
 @dataclass

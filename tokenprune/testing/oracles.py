@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 import tokenprune as tp
-from tokenprune.toy import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+from tokenprune.testing.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID
 
 TEXT_IDS = range(10, 120)
 

@@ -2,32 +2,31 @@
 
 An adapter finds the visual tokens in a batch, names the decoder layers and their attention
 modules, and says which configuration holds the attention backend. It knows no strategy; the
-core (`tokenprune.session`) drives the layers with the shared mechanics of `tokenprune.sequence`.
+core (`tokenprune.core`) drives the layers with its shared mechanics: `tokenprune.api.attach` picks the
+driver for each kind of adapter (`Adapter`: a language model's layers; `EncoderAdapter`: a ViT's blocks).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers import PretrainedConfig
 
-from tokenprune.layout import VisualLayout
-from tokenprune.probe import ProjectionProbe
-
-if TYPE_CHECKING:
-    from tokenprune.config import ReductionConfig
-    from tokenprune.reducer import Reducer
-    from tokenprune.vision import VisionTower
+from tokenprune.contracts.layout import VisualLayout
+from tokenprune.contracts.probe import ProjectionProbe
 
 
 class BaseAdapter(ABC):
     """Root of every adapter: registered under `name`, chosen for `model_types` automatically.
 
     `Adapter` describes a vision-language model (reductions inside its language model);
-    `tokenprune.encoder.EncoderAdapter` a vision transformer (reductions inside its blocks).
+    `EncoderAdapter` a vision transformer (reductions inside its blocks).
     """
 
     name: ClassVar[str]
@@ -41,18 +40,9 @@ class BaseAdapter(ABC):
         """Whether this adapter handles `model` (by its config's `model_type`)."""
         return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
 
-    @abstractmethod
-    def session(self, config: ReductionConfig, reducer: Reducer) -> Any:
-        """The core mechanics that drive this kind of model (refusing configs it cannot run)."""
-
 
 class Adapter(BaseAdapter):
     """Base class of vision-language model adapters: the language model's layers and visual tokens."""
-
-    def session(self, config: ReductionConfig, reducer: Reducer) -> Any:
-        from tokenprune.session import Session
-
-        return Session(self.model, self, config, reducer)
 
     @abstractmethod
     def entry_module(self) -> nn.Module:
@@ -130,3 +120,87 @@ class ConditionalGenerationAdapter(Adapter):
 
     def final_norm(self) -> nn.Module | None:
         return self.base_model().language_model.norm
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """What an adapter exposes of one vision encoder for `site: vision` stages.
+
+    `layers`: encoder layers whose `self_attn` has `q_proj`, `k_proj`, `num_heads`, `head_dim` and
+    `scale`, each returning its hidden states; `feature_layer`: the layer whose output feeds the
+    projector (LLaVA's `vision_feature_layer=-2`: the penultimate); `prefix_tokens`: leading tokens
+    (the class token), never reduced; `projector`: its input is [items, tokens, D]. The features of
+    item i fill the i-th run of `placeholder_id` tokens of the batch (row-major): the patches only, or
+    with `keeps_prefix` the prefix tokens too (Video-LLaVA's video frames keep their class token).
+    """
+
+    layers: Sequence[nn.Module]
+    feature_layer: int
+    prefix_tokens: int
+    grid: tuple[int, int]
+    projector: nn.Module
+    placeholder_id: int
+    keeps_prefix: bool = False
+    modality: str = "image"  # its key in `mm_encoder_outputs`, where generate() passes the encoded items
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Placeholders one item (an image, a frame) fills in the language model's input."""
+        return self.grid[0] * self.grid[1] + (self.prefix_tokens if self.keeps_prefix else 0)
+
+    def slots(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(item, token) [B, N] of each placeholder of this tower: its vision-batch item and token index
+        in the tower's sequence (prefix included); -1 elsewhere. Placeholders fill row-major."""
+        placeholders = input_ids == self.placeholder_id
+        order = torch.cumsum(placeholders.flatten(), 0).view_as(input_ids) - 1
+        first_token = 0 if self.keeps_prefix else self.prefix_tokens
+        item = torch.div(order, self.tokens_per_item, rounding_mode="floor").masked_fill(~placeholders, -1)
+        token = (order % self.tokens_per_item + first_token).masked_fill(~placeholders, -1)
+        return item, token
+
+
+Capture = Callable[[str, Tensor], None]
+
+
+class EncoderAdapter(BaseAdapter):
+    """A vision transformer: `prefix_tokens()` protected tokens, then a row-major patch grid."""
+
+    @abstractmethod
+    def entry_module(self) -> nn.Module:
+        """A module that runs first in every forward (the patch embedding): state is reset there."""
+
+    @abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+
+    @abstractmethod
+    def prefix_tokens(self) -> int:
+        """How many leading tokens are never reduced (class, distillation, register tokens)."""
+
+    @abstractmethod
+    def has_class_token(self) -> bool:
+        """Whether the first prefix token is a class token (the query of `attention("class")`)."""
+
+    @abstractmethod
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patch grid following the prefix tokens."""
+
+    @abstractmethod
+    def attend(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        """`x` plus the block's attention branch; `bias` [B, 1, 1, N] is added to every attention logit."""
+
+    @abstractmethod
+    def feed_forward(self, block: nn.Module, x: Tensor) -> Tensor:
+        """`x` plus the block's MLP branch."""
+
+    @abstractmethod
+    def watch(self, block: nn.Module, capture: Capture) -> list[RemovableHandle]:
+        """Hooks that pass the block's attention `"queries"` and `"keys"` [B, H, N, d] to `capture`."""
+
+    @abstractmethod
+    def attention_scale(self, block: nn.Module) -> float:
+        """The factor applied to query-key products before the softmax."""
+
+    @abstractmethod
+    def size_weighted_pooling(self, sizes: Callable[[], Tensor | None]) -> Callable[[], None]:
+        """Make the model's pooling weigh each token by `sizes()` [B, N] (None: as is); returns the undo."""

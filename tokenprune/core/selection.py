@@ -1,7 +1,7 @@
 """What every site shares about a selection: checking it against the budget, and recording it.
 
-A `ReductionEvent` is the trace entry of one stage, for language-model sites (`tokenprune.session`)
-and grid sites (ViT blocks, vision towers: `tokenprune.encoder`) alike.
+A `ReductionEvent` is the trace entry of one stage, for language-model sites
+(`tokenprune.core.language`) and grid sites (ViT blocks, vision towers: `tokenprune.core.grid`) alike.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tokenprune.contracts.reducer import Merge, Reducer, Site, TokenView, group_counts
 from tokenprune.errors import ConfigError, StrategyError
-from tokenprune.reducer import Merge, Reducer, Site, TokenView, group_counts
-from tokenprune.sequence import gather_tokens
+from tokenprune.indexing import gather_tokens
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.sequence import gather_tokens
+from tokenprune.indexing import gather_tokens
 
 QUERY_CHUNK = 256
 

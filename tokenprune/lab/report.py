@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from tokenprune.errors import ConfigError
-from tokenprune.results import merge_rows, results_files
+from tokenprune.lab.results import merge_rows, results_files
 
 SAMPLE_IMAGE = "sample.png"
 SURVIVAL_PANELS = 8  # per strategy figure, the cells shown (by layer, then ratio)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from tokenprune.sequence import gather_tokens, left_aligned_index
+from tokenprune.indexing import gather_tokens, left_aligned_index
 
 if TYPE_CHECKING:
-    from tokenprune.reducer import Merge
+    from tokenprune.contracts.reducer import Merge
 
 
 def merge_average(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tensor, Tensor]:

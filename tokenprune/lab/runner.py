@@ -14,8 +14,8 @@ and on the first batch, interleaved with the baseline (warm-up rounds first, med
 prefill time, decode time per token, peak memory (CUDA only), KV-cache bytes after the prefill
 and the time spent in the strategy's `select`.
 
-Rows go to `runs/<name>/results.jsonl` (`tokenprune.results`): a killed run loses at most the cell
-in flight and the same command resumes it. `tokenprune.report` turns the rows into tables and plots.
+Rows go to `runs/<name>/results.jsonl` (`tokenprune.lab.results`): a killed run loses at most the cell
+in flight and the same command resumes it. `tokenprune.lab.report` turns the rows into tables and plots.
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import Tensor, nn
 
 import tokenprune as tp
-from tokenprune.datasets import BUILTIN_PREFIX, Sample, load_samples
+from tokenprune.builtin.models import load_builtin_model
+from tokenprune.builtin.toyvqa import normalize_answer
 from tokenprune.errors import ConfigError, TokenPruneError, describe_errors
 from tokenprune.flops import trace_flops
-from tokenprune.report import SAMPLE_IMAGE
-from tokenprune.results import ResultStore
-from tokenprune.toyvqa import normalize_answer
+from tokenprune.lab.datasets import BUILTIN_PREFIX, Sample, load_samples
+from tokenprune.lab.report import SAMPLE_IMAGE
+from tokenprune.lab.results import ResultStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5's conversation format
@@ -234,7 +235,7 @@ class GridSpec(BaseModel):
 
     def active_strategies(self) -> list[str]:
         """`strategies`, then those of `if_installed` that are registered in this process."""
-        installed = set(tp.strategies())
+        installed = set(tp.list_strategies())
         return [
             *self.strategies,
             *(n for n in self.if_installed if n in installed and n not in self.strategies),
@@ -242,7 +243,7 @@ class GridSpec(BaseModel):
 
     def missing(self) -> list[str]:
         """The `if_installed` strategies this process does not have."""
-        return [name for name in self.if_installed if name not in tp.strategies()]
+        return [name for name in self.if_installed if name not in tp.list_strategies()]
 
     def budgets(self) -> list[dict[str, float | int]]:
         """Each budget of the grid as Stage fields: `{"ratio": R}` then `{"keep": n}`."""
@@ -450,8 +451,6 @@ class Loaded:
 def load_model(spec: ModelSpec, generation: GenerationSpec) -> Loaded:
     """A builtin model, or a checkpoint through `from_pretrained` (device_map through accelerate)."""
     if spec.source.startswith(BUILTIN_PREFIX):
-        from tokenprune.builtin import load_builtin_model
-
         builtin = load_builtin_model(spec.source, spec.attn_implementation)
         model = builtin.model.to(spec.device, DTYPES[spec.dtype])
         processor, prompt, answer_length = builtin.processor, builtin.prompt, builtin.max_new_tokens

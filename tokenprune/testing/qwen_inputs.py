@@ -10,10 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from oracles import TEXT_IDS, left_padded, oracle_masks, removed_positions
 from torch import Tensor
 
-from tokenprune.toy import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
+from tokenprune.testing.models import (
+    IMAGE_TOKEN_ID,
+    VIDEO_TOKEN_ID,
+    VISION_END_TOKEN_ID,
+    VISION_START_TOKEN_ID,
+)
+from tokenprune.testing.oracles import TEXT_IDS, left_padded, oracle_masks, removed_positions
 
 MERGE = 2
 

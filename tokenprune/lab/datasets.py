@@ -2,7 +2,7 @@
 
 Every source yields `Sample`s: an id, the images (PIL, RGB), the question and the accepted answers.
 
-- `builtin:toy-vqa`: generated on the fly (`tokenprune.toyvqa`), nothing read from disk.
+- `builtin:toy-vqa`: generated on the fly (`tokenprune.builtin.toyvqa`), nothing read from disk.
 - A JSONL file: one object per line with `image` (a path, or a list of paths, relative to the
   file's folder), `question`, and `answers` (a list) or `answer` (a string); `id` is optional.
 - A folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict`): the same columns, images
@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tokenprune.builtin.models import builtin_dataset
 from tokenprune.errors import ConfigError, describe_errors
 
 BUILTIN_PREFIX = "builtin:"
@@ -74,8 +75,6 @@ def load_samples(source: str, split: str, limit: int | None, seed: int = 0) -> l
 
 def builtin_samples(name: str, split: str, limit: int | None, seed: int = 0) -> list[Sample]:
     """`builtin:toy-vqa`: `limit` generated samples of `split` (`train` or `test`)."""
-    from tokenprune.builtin import builtin_dataset
-
     if limit is None:
         raise ConfigError(f"dataset {name!r} is generated: give `limit`, the number of samples")
     try:

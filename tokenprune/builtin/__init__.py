@@ -1,0 +1,1 @@
+"""The built-in trained toy LLaVA (`builtin:toy-llava`) and its VQA task (`builtin:toy-vqa`)."""

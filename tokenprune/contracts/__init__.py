@@ -1,0 +1,1 @@
+"""What strategies and adapters implement: `Reducer`, `TokenView`, `Merge`, `Adapter`, `VisualLayout`."""

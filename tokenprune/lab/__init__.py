@@ -1,0 +1,1 @@
+"""The lab: ablation grids, measurements, results, reports and the command line."""
