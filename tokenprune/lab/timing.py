@@ -1,0 +1,100 @@
+"""Timings a paper can print: paired, order-alternating ratios of a variant against its baseline.
+
+A time alone means little on a shared machine; a ratio of two times taken side by side does. Each
+repeat measures the baseline and the variant back to back, alternating which goes first (so a
+drift or a warm cache favours neither), and yields one ratio; the report is the median of those
+ratios with their interquartile range. A spread (IQR / median) above `NOISY_SPREAD` flags the row.
+`torch.utils.benchmark` does the clock work of one measurement (warm-up, threads, CUDA syncs).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils import benchmark
+
+NOISY_SPREAD = 0.10  # a paired ratio whose IQR exceeds 10% of its median is flagged, not trusted
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """Variant time over baseline time: the median of per-repeat ratios and its interquartile range."""
+
+    ratio: float
+    iqr: float
+    baseline_s: float  # median seconds of the baseline over the repeats
+    variant_s: float  # median seconds of the variant over the repeats
+    repeats: int
+
+    @property
+    def spread(self) -> float:
+        """The IQR relative to the median ratio (0.05: the middle half of the repeats lies within 5%)."""
+        return self.iqr / self.ratio if self.ratio > 0 else float("inf")
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the repeats disagree by more than `NOISY_SPREAD`: rerun on a quieter machine."""
+        return self.spread > NOISY_SPREAD
+
+    @property
+    def speedup(self) -> float:
+        """Baseline time over variant time (1.5: the variant takes two thirds of the time)."""
+        return 1.0 / self.ratio if self.ratio > 0 else float("inf")
+
+
+def seconds(fn: Callable[[], object], number: int = 1) -> float:
+    """Seconds per call of `fn`, averaged over `number` calls, by `torch.utils.benchmark`.
+
+    The timer synchronises CUDA around the calls and runs at the current thread count.
+    """
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(number).mean
+
+
+def paired_ratio(
+    baseline: Callable[[], float], variant: Callable[[], float], repeats: int = 7, warmup: int = 1
+) -> PairedRatio:
+    """Measure `variant` against `baseline`, each a callable returning one measurement in seconds.
+
+    `warmup` unrecorded pairs run first; then `repeats` pairs, the baseline first in even repeats
+    and the variant first in odd ones. Callables that time a plain call can use `seconds`; those
+    that must set something up around the timed part (attach, prefill a cache) time it themselves.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    for _ in range(warmup):
+        baseline(), variant()
+    base_times, variant_times = [], []
+    for repeat in range(repeats):
+        if repeat % 2 == 0:
+            base, var = baseline(), variant()
+        else:
+            var, base = variant(), baseline()
+        base_times.append(base)
+        variant_times.append(var)
+    return summarize(base_times, variant_times)
+
+
+def summarize(baseline_times: list[float], variant_times: list[float]) -> PairedRatio:
+    """The `PairedRatio` of measurements already paired up (the i-th of each taken side by side)."""
+    if len(baseline_times) != len(variant_times) or not baseline_times:
+        raise ValueError("paired timings need the same, non-zero number of baseline and variant times")
+    ratios = [v / b if b > 0 else float("inf") for b, v in zip(baseline_times, variant_times, strict=True)]
+    return PairedRatio(
+        ratio=statistics.median(ratios),
+        iqr=_iqr(ratios),
+        baseline_s=statistics.median(baseline_times),
+        variant_s=statistics.median(variant_times),
+        repeats=len(ratios),
+    )
+
+
+def _iqr(values: list[float]) -> float:
+    """Interquartile range (inclusive quartiles, so two or three repeats still give a spread)."""
+    if len(values) < 2:
+        return 0.0
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return high - low
