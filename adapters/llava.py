@@ -15,7 +15,6 @@ from torch import Tensor
 
 from tokenprune.contracts.adapter import ConditionalGenerationAdapter, VisionTower
 from tokenprune.contracts.layout import Segment, VisualLayout, grid_coords, line_coords, placeholder_runs
-from tokenprune.errors import InputError
 
 
 class LlavaAdapter(ConditionalGenerationAdapter):
@@ -25,13 +24,9 @@ class LlavaAdapter(ConditionalGenerationAdapter):
     model_types = ("llava",)
 
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
-        input_ids = inputs.get("input_ids")
         if not self.has_images(inputs):
             return None  # a generated token may equal the placeholder id: without images it is text
-        if input_ids is None:
-            raise InputError(
-                "tokenprune locates image tokens in `input_ids`: pass them instead of `inputs_embeds`"
-            )
+        input_ids = self.input_ids(inputs)
         placeholders = input_ids == self.model.config.image_token_id
         runs = placeholder_runs(placeholders, self.tokens_per_image(inputs, placeholders))
         segments = [

@@ -65,11 +65,7 @@ class Qwen2VLAdapter(ConditionalGenerationAdapter):
         present = [m for m in (IMAGE, VIDEO) if _has_features(inputs, m)]
         if not present:
             return None  # text only, or a decode step (`generate` drops the visual inputs after prefill)
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            raise InputError(
-                "tokenprune locates image and video tokens in `input_ids`: pass them, not `inputs_embeds`"
-            )
+        input_ids = self.input_ids(inputs)
         self._check_token_types(inputs, input_ids)
         segments = [s for m in present for s in self._modality_segments(inputs, input_ids, m)]
         segments.sort(key=lambda s: (s.sample, int(s.positions[0])))  # numbered in prompt order
@@ -125,8 +121,11 @@ class Qwen2VLAdapter(ConditionalGenerationAdapter):
         return [(t, h // merge, w // merge) for t, h, w in grids.tolist()]
 
     def _check_token_types(self, inputs: dict[str, Any], input_ids: Tensor) -> None:
-        """The 3-D positions follow `mm_token_type_ids`: it must be given and mark the placeholders."""
+        """The 3-D positions follow `mm_token_type_ids`: with `input_ids` it must be given, and it must mark
+        the placeholders (from `inputs_embeds` alone the model computes no positions from it)."""
         types = inputs.get("mm_token_type_ids")
+        if types is None and inputs.get("input_ids") is None:
+            return
         if types is None:
             raise InputError(
                 "Qwen2-VL inputs with images or videos need `mm_token_type_ids` (the processor returns it): "

@@ -57,11 +57,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         images, videos = self.has_images(inputs), self.has_videos(inputs)
         if not (images or videos):
             return None  # a decode step, or text only: a generated placeholder id is text
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            raise InputError(
-                "tokenprune locates image and video tokens in `input_ids`: pass them, not `inputs_embeds`"
-            )
+        input_ids = self.input_ids(inputs)
         segments = self._image_layout(inputs, input_ids) if images else []
         if videos:
             segments += self._video_layout(inputs, input_ids)

@@ -4,7 +4,9 @@
 Each block runs in its two halves from the block's own modules (norms, attention with its q/k
 norms and fused SDPA, LayerScale, drop-path, MLP), so nothing a timm 1.0.x block does is lost;
 the reduction sits between them. Class, distillation and register tokens are the protected
-prefix. Average pooling weighs each token by its size.
+prefix. Average pooling weighs each token by its size. Gradient checkpointing (`checkpoint_seq`) would
+run each block again in the backward pass and reduce twice: forwards with gradients are refused while
+it is on (`recomputes_blocks`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.contracts.adapter import Capture, EncoderAdapter
+from tokenprune.contracts.adapter import Capture, EncoderAdapter, replace_attribute
 from tokenprune.errors import AttachError
 
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -90,6 +92,8 @@ class VitAdapter(EncoderAdapter):
             average = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
             return average if kind == "avg" else 0.5 * (average + tokens.amax(dim=1))
 
-        model.pool = pool
-        return lambda: delattr(model, "pool")
+        return replace_attribute(model, "pool", pool)
 
+    def recomputes_blocks(self) -> bool:
+        """timm's `set_grad_checkpointing(True)` runs the blocks through `checkpoint_seq`."""
+        return bool(getattr(self.model, "grad_checkpointing", False))

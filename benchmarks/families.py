@@ -1,7 +1,8 @@
-"""FastV prefill on Qwen2-VL- and Video-LLaVA-shaped models: unreduced, tokenprune, ideal, FLOPs bound.
+"""FastV prefill on Qwen2-VL- and Video-LLaVA-shaped models, against the ideal and unreduced, paired.
 
-    python benchmarks/families.py                           # both families, 2 threads
-    python benchmarks/families.py --family video_llava --ratios 0.5 --repeats 5
+    python benchmarks/families.py                           # both families, R 0.5 0.75, 2 threads
+    python benchmarks/families.py --family video_llava --ratios 0.5 --repeats 15
+    python benchmarks/families.py --smoke                   # tiny sizes: proves the script runs
 
 Random-weight models sized for 2 CPU cores (vision towers tiny and not timed: their features are
 computed once and passed as `mm_encoder_outputs`), one sample, last-token logits, no cache:
@@ -9,12 +10,10 @@ computed once and passed as `mm_encoder_outputs`), one sample, last-token logits
 - `qwen2_vl`: one image of 576 merged tokens (a 48 x 48 patch grid, 2 x 2 merger), 3-D M-RoPE;
 - `video_llava`: one 8-frame video, 257 tokens per frame (16 x 16 patches and the class token).
 
-Variants, interleaved in one process (round-robin, after a warm-up round): the model as it is,
-FastV at layer K through tokenprune, and an "ideal" that is handed tokenprune's kept indices:
-pre-hooks on layers >= K give them the kept hidden states and rotary tables, gathered once, and
-no mask (SDPA's causal kernel), with no scoring, checks or output restoration. The ideal's
-last-token logits are checked against tokenprune's before anything is timed. See
-docs/benchmarks.md.
+Per ratio, paired and order-alternating (`tokenprune.lab.timing.paired_ratio`): FastV at layer K
+through tokenprune against the ideal handed its kept indices (`common.ideal_hooks`, 3-D positions
+included; its logits checked against tokenprune's first), and against the unreduced model beside
+the FLOPs bound. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,34 +29,58 @@ from torch import Tensor, nn
 from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
-from tokenprune.flops import tokens_per_layer, trace_flops
 from tokenprune.testing.models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, ToySize, toy_qwen2_vl, toy_video_llava
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prefill import Variant, _check_close, _load, report_pairs, report_prefill, time_round_robin
+from common import (
+    ROW_HEADER,
+    apply_smoke,
+    check_close,
+    compare,
+    elapsed,
+    flops_bound,
+    ideal_logits,
+    ideal_run,
+    kept_tokens,
+    load,
+    machine,
+    prefill_logits,
+    timing_arguments,
+    tokenprune_run,
+)
+
+SMOKE = {
+    "hidden": 64,
+    "layers": 4,
+    "heads": 4,
+    "intermediate": 128,
+    "frames": 2,
+    "text": 8,
+    "qwen_grid": 8,
+    "video_grid": 4,
+}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    """Command-line options: family, ratios, sizes, repeats, threads."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    timing_arguments(parser)
     parser.add_argument("--family", choices=("qwen2_vl", "video_llava", "all"), default="all")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--layer", type=int, default=2, help="FastV's K")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--pairs", type=int, default=8, help="tokenprune/ideal back-to-back pairs (0: off)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--intermediate", type=int, default=1408)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--text", type=int, default=40, help="prompt tokens around the visual ones")
-    parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args()
+    parser.add_argument("--qwen-grid", type=int, default=48, help="Qwen2-VL patch grid side (merged 2 x 2)")
+    parser.add_argument("--video-grid", type=int, default=16, help="Video-LLaVA patch grid side per frame")
+    return apply_smoke(parser.parse_args(), **SMOKE)
 
 
 def size(args: argparse.Namespace, **vision: int) -> ToySize:
+    """The decoder sizes of `args` with a one-layer vision tower."""
     return ToySize(
         hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.heads,
         intermediate=args.intermediate, vocab=32000, vision_hidden=32, vision_layers=1, **vision,
@@ -71,11 +94,12 @@ def prompt(visual: Tensor, n_text: int) -> Tensor:
 
 
 def qwen2_vl(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
-    """Qwen2-VL-shaped: one image of 48 x 48 patches, merged 2 x 2 into 576 tokens."""
+    """Qwen2-VL-shaped: one image of `qwen_grid`^2 patches of 14 px, merged 2 x 2."""
     model = toy_qwen2_vl(size(args, patch=14))
-    grid = torch.tensor([[1, 48, 48]])
-    pixels = torch.randn(48 * 48, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
-    ids = prompt(torch.full((576,), IMAGE_TOKEN_ID), args.text)
+    side = args.qwen_grid
+    grid = torch.tensor([[1, side, side]])
+    pixels = torch.randn(side * side, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    ids = prompt(torch.full((side * side // 4,), IMAGE_TOKEN_ID), args.text)
     with torch.inference_mode():
         image = model.model.get_image_features(pixel_values=pixels, image_grid_thw=grid, return_dict=True)
     types = (ids == IMAGE_TOKEN_ID).int()
@@ -88,10 +112,12 @@ def qwen2_vl(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def video_llava(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
-    """Video-LLaVA-shaped: one video of `frames` frames of 224px (16 x 16 patches + class token each)."""
-    model = toy_video_llava(size(args, grid=16, patch=14))
-    video = torch.randn(1, args.frames, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    ids = prompt(torch.full((args.frames * 257,), VIDEO_TOKEN_ID), args.text)
+    """Video-LLaVA-shaped: one video of `frames` frames (`video_grid`^2 patches of 14 px + class token)."""
+    side = args.video_grid
+    model = toy_video_llava(size(args, grid=side, patch=14))
+    pixels = 14 * side
+    video = torch.randn(1, args.frames, 3, pixels, pixels, generator=torch.Generator().manual_seed(1))
+    ids = prompt(torch.full((args.frames * (side * side + 1),), VIDEO_TOKEN_ID), args.text)
     with torch.inference_mode():
         features = model.model.get_video_features(pixel_values_videos=video, return_dict=True)
     return model, {"input_ids": ids, "mm_encoder_outputs": {"video": features}}
@@ -103,93 +129,47 @@ FAMILIES: dict[str, Callable[[argparse.Namespace], tuple[nn.Module, dict[str, An
 }
 
 
-def prefill(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
-    return model(**inputs, use_cache=False, logits_to_keep=1).logits
-
-
-def ideal_hooks(layers: list[nn.Module], k: int, kept: Tensor) -> list[Any]:
-    """Pre-hooks giving layers >= k the kept tokens and their rotary tables (gathered once), no mask."""
-    gathered: dict[str, Any] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        hidden = args[0]
-        if module is layers[k]:
-            hidden = hidden[:, kept]
-            gathered["position_embeddings"] = tuple(t[:, kept] for t in kwargs["position_embeddings"])
-            if kwargs.get("position_ids") is not None:
-                gathered["position_ids"] = kwargs["position_ids"][..., kept]
-        return (hidden, *args[1:]), {**kwargs, **gathered, "attention_mask": None}
-
-    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[k:]]
-
-
-def ideal_variant(model: nn.Module, inputs: dict[str, Any], k: int, kept: Tensor, **info: Any) -> Variant:
-    layers = list(tp.adapter_for(model).decoder_layers())
-    handles: list[Any] = []
-    return Variant(
-        f"ideal R={info['ratio']}",
-        lambda: prefill(model, inputs),
-        setup=lambda: handles.extend(ideal_hooks(layers, k, kept)),
-        teardown=lambda: [handles.pop().remove() for _ in range(len(handles))],
-        **info,
+def report_ratio(
+    model: nn.Module, inputs: dict[str, Any], args: argparse.Namespace, ratio: float, unreduced: Callable
+) -> None:
+    """tokenprune at `ratio` against the ideal handed its indices, then against the unreduced model."""
+    config = tp.ReductionConfig(strategy="fastv", layer=args.layer, ratio=ratio)
+    kept, reduced = kept_tokens(model, inputs, config)
+    ideal = ideal_logits(model, inputs, args.layer, kept)
+    check_close(f"ideal R={ratio} vs tokenprune", ideal, reduced, model.dtype)
+    tokenprune = tokenprune_run(model, inputs, config)
+    compare(
+        f"tokenprune R={ratio} / ideal", ideal_run(model, inputs, args.layer, kept), tokenprune, args, 1.02
     )
-
-
-def tokenprune_variant(
-    model: nn.Module, inputs: dict[str, Any], config: tp.ReductionConfig, **info: Any
-) -> Variant:
-    handles: list[tp.Handle] = []
-    return Variant(
-        f"tokenprune R={info['ratio']}",
-        lambda: prefill(model, inputs),
-        setup=lambda: handles.append(tp.attach(model, config)),
-        teardown=lambda: handles.pop().detach(),
-        **info,
-    )
-
-
-def variants(model: nn.Module, inputs: dict[str, Any], args: argparse.Namespace) -> list[Variant]:
-    n = inputs["input_ids"].shape[1]
-    out = [Variant("unreduced", lambda: prefill(model, inputs), tokens=[n] * args.layers)]
-    for ratio in args.ratios:
-        config = tp.ReductionConfig(strategy="fastv", layer=args.layer, ratio=ratio)
-        with tp.attach(model, config) as handle, torch.inference_mode():
-            reduced = prefill(model, inputs)
-            trace = handle.trace
-        kept = trace[0].kept[0]
-        info = {"tokens": tokens_per_layer(args.layers, trace, n)[0], "ratio": ratio}
-        ideal = ideal_variant(model, inputs, args.layer, kept, **info)
-        ideal.setup()
-        with torch.inference_mode():
-            _check_close(f"ideal R={ratio} vs tokenprune", prefill(model, inputs), reduced)
-        ideal.teardown()
-        out += [tokenprune_variant(model, inputs, config, **info), ideal]
-    return out
+    result = compare(f"tokenprune R={ratio} / unreduced", unreduced, tokenprune, args)
+    n, slots = inputs["input_ids"].shape[1], kept.shape[1]
+    bound = flops_bound(model.config.text_config, args.layer, n, slots)
+    print(f"{'':<4}speed-up {result.speedup:.2f}x; FLOPs bound {bound:.2f}x ({slots} of {n} tokens kept)")
 
 
 def main() -> None:
+    """Each family: the noise floor, then every ratio."""
     args = parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    families = list(FAMILIES) if args.family == "all" else [args.family]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; start: {_load()}")
-    for family in families:
+    print(machine())
+    print(f"paired ratios: median of {args.repeats} order-alternating repeats after {args.warmup} warm-up")
+    for family in list(FAMILIES) if args.family == "all" else [args.family]:
         model, inputs = FAMILIES[family](args)
         n = inputs["input_ids"].shape[1]
-        text_config = model.config.text_config
-        all_variants = variants(model, inputs, args)
-        time_round_robin(all_variants, args.repeats, args.warmup)
-        gflop = trace_flops(text_config, [], n)[0] / 1e9
         print(
-            f"\n{family}: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}; "
-            f"prompt {n} tokens ({n - args.text} visual); FastV K={args.layer}; {gflop:.1f} GFLOP unreduced; "
-            f"{args.repeats} rounds after {args.warmup} warm-up"
+            f"\n== {family}: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}; prompt {n} "
+            f"tokens ({n - args.text} visual); FastV K={args.layer}"
         )
-        report_prefill(all_variants, text_config)
-        if args.pairs:
-            ratio = args.ratios[0]
-            report_pairs(*[v for v in all_variants if v.ratio == ratio], args.pairs)
-    print(f"\nend: {_load()}")
+
+        def unreduced(model: nn.Module = model, inputs: dict[str, Any] = inputs) -> float:
+            return elapsed(lambda: prefill_logits(model, inputs))
+
+        print(ROW_HEADER)
+        compare("unreduced / unreduced (noise floor)", unreduced, unreduced, args)
+        for ratio in args.ratios:
+            report_ratio(model, inputs, args, ratio, unreduced)
+    print(f"\nend: {load()}")
 
 
 if __name__ == "__main__":

@@ -89,8 +89,6 @@ class Dart(Reducer):
         features = view.signals.get("normed_output")  # [B, L, D]
         visual = view.valid & (view.coords[..., 0] >= 0)
         budget, groups = view.quota()
-        if groups is None:
-            budget, groups = budget[:, None], torch.zeros_like(view.segment)
         position = torch.arange(keep.shape[1], device=keep.device)
         for b in range(keep.shape[0]):
             last_visual = int(position[visual[b]].max()) if bool(visual[b].any()) else -1

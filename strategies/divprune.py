@@ -43,8 +43,6 @@ class DivPrune(Reducer):
     def select(self, view: TokenView) -> Tensor:
         keep = torch.zeros_like(view.candidates)
         budget, groups = view.quota()
-        if groups is None:
-            budget, groups = budget[:, None], torch.zeros_like(view.segment)
         for b in range(keep.shape[0]):
             for group, k in enumerate(budget[b].tolist()):
                 members = (view.candidates[b] & (groups[b] == group)).nonzero().squeeze(1)

@@ -109,8 +109,6 @@ class Feather(Reducer):
 
     def select(self, view: TokenView) -> Tensor:
         budget, groups = view.quota()
-        if groups is None:
-            budget, groups = budget[:, None], torch.zeros_like(view.segment)
         layers = self.params.grid_layers
         with_grid = (
             whole(view.positions, view.valid)

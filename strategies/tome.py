@@ -96,9 +96,6 @@ class ToMe(Reducer):
         """Rounds of matching until each sample (or frame) is down to its budget."""
         keys = view.signals.keys().float()
         budget, groups = view.quota()
-        if groups is None:
-            budget, groups = budget[:, None], torch.zeros_like(view.positions)
-        groups = groups.masked_fill(~view.candidates, -1)
         metric, valid, movable = keys, view.valid.clone(), view.candidates.clone()
         into = torch.full_like(view.positions, -1)
         rank = torch.zeros_like(view.positions)
@@ -125,4 +122,3 @@ def _redirect(into: Tensor) -> Tensor:
         if not bool(chained.any()):
             return into
         into = torch.where(chained, onward, into)
-

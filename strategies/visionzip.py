@@ -109,9 +109,6 @@ class VisionZip(Reducer):
 
     def select(self, view: TokenView) -> Merge:
         budget, groups = view.quota()
-        if groups is None:
-            budget, groups = budget[:, None], torch.zeros_like(view.positions)
-        groups = groups.masked_fill(~view.candidates, -1)
         n_dominant, n_contextual = split_counts(budget, self.params.contextual_share)
         dominant = top_k_mask(view.signals.attention("class"), view.candidates, n_dominant, groups)
         rest = view.candidates & ~dominant

@@ -11,10 +11,20 @@ from hypothesis import HealthCheck, settings
 import tokenprune as tp
 from tokenprune.testing.models import ToySize, toy_llava, toy_llava_next, toy_video_llava
 
+# HYPOTHESIS_PROFILE picks how hard the property tests search: `ci` (the default) runs 12 derandomised
+# examples per test, the same on every run; `dev` 40 random ones; `thorough` (before a release, or
+# after touching the mechanics) 200 random ones, printing the seed of any failure to replay it.
 settings.register_profile(
     "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "thorough",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -5,43 +5,74 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
+from tokenprune.adapters.llava import LlavaAdapter
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
 import tokenprune as tp
+from tokenprune.registry import ADAPTERS
 from tokenprune.testing.models import toy_llava
-from tokenprune.testing.oracles import Prompt, llava_inputs
+from tokenprune.testing.oracles import Prompt, assert_same_greedy, greedy, llava_inputs, oracle_greedy
+
+HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
 
 
-def hook_state(model: torch.nn.Module) -> dict[str, tuple]:
+def hook_state(model: torch.nn.Module) -> dict[str, dict]:
+    """Per module: every hook dict's items (the hook objects themselves) and each instance attribute's
+    identity, so that a hook left behind, a swapped hook or a replaced `forward` all show."""
     return {
-        name: (
-            len(m._forward_pre_hooks),
-            len(m._forward_hooks),
-            len(m._forward_pre_hooks_with_kwargs),
-            len(m._forward_hooks_with_kwargs),
-            len(m._forward_hooks_always_called),
-            tuple(sorted(vars(m))),
-        )
+        name: {
+            **{hooks: list(getattr(m, hooks).items()) for hooks in HOOK_DICTS},
+            "attributes": {key: id(value) for key, value in vars(m).items()},
+        }
         for name, m in model.named_modules()
     }
+
+
+def weight_state(model: torch.nn.Module) -> dict[str, tuple]:
+    """Each parameter and buffer: its bytes, storage, dtype, device and `requires_grad`."""
+    return {
+        name: (tensor.detach().clone(), tensor.data_ptr(), tensor.dtype, tensor.device, tensor.requires_grad)
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+    }
+
+
+def assert_same_weights(model: torch.nn.Module, before: dict[str, tuple]) -> None:
+    """Bit-identical (compared as raw bytes, so NaN or -0.0 could not hide a change), in place."""
+    now = weight_state(model)
+    assert now.keys() == before.keys()
+    for name, (tensor, *where) in before.items():
+        assert torch.equal(now[name][0].view(torch.uint8), tensor.view(torch.uint8)), name
+        assert list(now[name][1:]) == where, name
 
 
 @torch.no_grad()
 def test_attach_leaves_weights_and_detach_restores_everything():
     model = toy_llava(seed=3)
     inputs = llava_inputs([Prompt([3, 4], 1), Prompt([2, 1, 2], 2)])
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = weight_state(model)
     before = model(**inputs, use_cache=False).logits
     model.generate(**inputs, max_new_tokens=3)
     before_hooks = hook_state(model)  # after a first forward: transformers adds its own output recorders then
     handle = tp.attach(model, tp.ReductionConfig(layer=2, ratio=0.75))
+    assert hook_state(model) != before_hooks  # the comparison sees hooks
     reduced = model(**inputs, use_cache=False).logits
     model.generate(**inputs, max_new_tokens=3)
     assert not torch.equal(reduced, before)
-    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert_same_weights(model, weights)
     handle.detach()
     assert torch.equal(model(**inputs, use_cache=False).logits, before)
     assert hook_state(model) == before_hooks
+    assert_same_weights(model, weights)
     handle.detach()  # idempotent
     with pytest.raises(tp.AttachError, match="detached"):
         _ = handle.trace
@@ -75,15 +106,23 @@ def test_selection_timer_counts_each_selection_and_synchronizes_around_it():
 
 @torch.no_grad()
 def test_from_pretrained_checkpoint_saved_locally(tmp_path):
-    toy_llava(seed=5).save_pretrained(tmp_path)
+    """A checkpoint loaded from disk reduces as the model it was saved from: same kept tokens, and
+    greedy generation with the cache equals the mask oracle's greedy run (near-ties aside)."""
+    original = toy_llava(seed=5)
+    original.save_pretrained(tmp_path)
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    model.generation_config.suppress_tokens = original.generation_config.suppress_tokens
     inputs = llava_inputs([Prompt([2, 3], 1)])
-    with tp.attach(
-        model, tp.ReductionConfig.model_validate({"strategy": "fastv", "layer": 2, "ratio": 0.5})
-    ) as handle:
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        assert handle.trace[0].visual_after == [18]
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    config = tp.ReductionConfig.model_validate({"strategy": "fastv", "layer": 2, "ratio": 0.5})
+    with tp.attach(original, config) as handle:
+        original(**inputs)
+        kept = handle.trace[0].kept
+    with tp.attach(model, config) as handle:
+        tokens, _ = greedy(model, inputs, steps=4)
+        trace = handle.trace
+    assert trace[0].visual_after == [18]
+    assert torch.equal(trace[0].kept, kept)
+    assert_same_greedy(tokens, *oracle_greedy(model, inputs, trace, steps=4))
 
 
 def test_errors_are_clear(llava_sdpa):
@@ -149,14 +188,26 @@ def test_kept_count_rounds_like_the_reference():
 
 
 @torch.no_grad()
-def test_images_without_input_ids_are_an_input_error(llava_sdpa):
+def test_an_adapter_reading_only_input_ids_refuses_images_in_inputs_embeds(llava_sdpa):
+    """The contract's default `Adapter.input_ids` needs `input_ids`: images given as `inputs_embeds`
+    are an InputError naming the way out (the built-ins recover the ids instead: test_inputs_embeds.py)."""
+
+    @tp.register_adapter("test_ids_only")
+    class IdsOnly(LlavaAdapter):
+        name = "test_ids_only"
+        model_types = ()  # only when named
+        input_ids = tp.Adapter.input_ids
+
     inputs = llava_inputs([Prompt([2, 3], 1)])
     embeds = llava_sdpa.get_input_embeddings()(inputs.pop("input_ids"))
-    with (
-        tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5)),
-        pytest.raises(tp.InputError, match="input_ids"),
-    ):
-        llava_sdpa(inputs_embeds=embeds, **inputs)
+    try:
+        with (
+            tp.attach(llava_sdpa, tp.ReductionConfig(ratio=0.5), adapter="test_ids_only"),
+            pytest.raises(tp.InputError, match="pass them, not `inputs_embeds`"),
+        ):
+            llava_sdpa(inputs_embeds=embeds, **inputs)
+    finally:
+        ADAPTERS.unregister("test_ids_only")
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from tokenprune.strategies.divprune import max_min_diverse
 
 import tokenprune as tp
-from tokenprune.testing.oracles import Prompt, llava_inputs
+from tokenprune.testing.models import IMAGE_TOKEN_ID
+from tokenprune.testing.oracles import Prompt, hooked, llava_inputs
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:
@@ -41,14 +42,42 @@ def test_each_pick_maximises_the_minimum_distance_to_the_chosen(angles, data):
     assert len(set(chosen)) == k
 
 
+def naive_max_min(features: torch.Tensor, k: int) -> set[int]:
+    """Greedy max-min diversity written out naively (float64, every pair recomputed): the oracle."""
+    unit = torch.nn.functional.normalize(features.double(), dim=-1).tolist()
+
+    def distance(i: int, j: int) -> float:
+        return 1 - sum(a * b for a, b in zip(unit[i], unit[j], strict=True))
+
+    rows = range(len(unit))
+    chosen = [max(rows, key=lambda i: min(distance(i, j) for j in rows if j != i))]
+    while len(chosen) < k:
+        chosen.append(
+            max((i for i in rows if i not in chosen), key=lambda i: min(distance(i, c) for c in chosen))
+        )
+    return set(chosen)
+
+
 @torch.no_grad()
-def test_divprune_before_the_language_model_keeps_the_budget(llava_sdpa):
+def test_divprune_before_the_language_model_keeps_the_naive_max_min_set(llava_sdpa):
+    """End to end at layer 0: the kept image tokens are, per image or per sample, the naive greedy
+    max-min set of the projector outputs the language model receives (crafted, one set per image)."""
     inputs = llava_inputs([Prompt([2, 3, 1], 2), Prompt([4, 1], 1)])
-    for budget in ("sample", "per_frame"):
-        config = tp.ReductionConfig(strategy="divprune", layer=0, keep=7, budget=budget)
-        with tp.attach(llava_sdpa, config) as handle:
-            out = llava_sdpa.generate(**inputs, max_new_tokens=3, do_sample=False)
-            event = handle.trace[0]
-        expected = [14, 7] if budget == "per_frame" else [7, 7]
-        assert event.visual_after == expected
-        assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    features = torch.randn(3, 36, 64, generator=torch.Generator().manual_seed(11))
+    features[1, :30] = features[1, 30:31] + 0.01 * features[1, :30]  # a near-duplicate cluster: 6 left
+    first_image = [0, 2]  # of each sample, in the batch's image order
+    units = {"sample": [(0, [0, 1]), (1, [2])], "per_frame": [(0, [0]), (0, [1]), (1, [2])]}
+    projector = llava_sdpa.model.multi_modal_projector
+    with hooked([projector.register_forward_hook(lambda *_: features)]):
+        for budget, unit_images in units.items():
+            config = tp.ReductionConfig(strategy="divprune", layer=0, keep=4, budget=budget)
+            with tp.attach(llava_sdpa, config) as handle:
+                out = llava_sdpa.generate(**inputs, max_new_tokens=3, do_sample=False)
+                (event,) = handle.trace
+            assert event.visual_after == ([8, 4] if budget == "per_frame" else [4, 4])
+            assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+            for b, images in unit_images:
+                visual = (inputs["input_ids"][b] == IMAGE_TOKEN_ID).nonzero().squeeze(1).view(-1, 36)
+                slots = visual[[i - first_image[b] for i in images]].reshape(-1).tolist()
+                chosen = {i for i, position in enumerate(slots) if position in event.kept[b].tolist()}
+                assert chosen == naive_max_min(features[images].reshape(-1, 64), 4)

@@ -22,9 +22,12 @@ from tokenprune.testing.oracles import (
     assert_same_greedy,
     generation_positions,
     greedy,
+    hooked,
     llava_inputs,
     oracle_greedy,
     oracle_logits,
+    oracle_masks,
+    removed_positions,
 )
 
 STRATEGIES = list(BUILT_IN_STRATEGIES)
@@ -190,14 +193,60 @@ def test_a_multi_token_continuation_on_a_reduced_cache_matches_the_oracle(llava_
     assert (second.logits - expected[:, length:]).abs().max() <= LOGIT_TOL
 
 
+BEAM_SEARCH = {
+    "max_new_tokens": 4,
+    "num_beams": 3,
+    "num_return_sequences": 3,
+    "do_sample": False,
+    "length_penalty": 0.0,  # a beam's score is then the plain sum of its tokens' log-probabilities
+    "eos_token_id": None,
+    "output_scores": True,
+    "return_dict_in_generate": True,
+}
+
+
 @torch.no_grad()
-def test_beam_search_and_hidden_state_outputs_run(llava_sdpa):
-    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+def test_beam_search_scores_equal_the_mask_oracle_and_ratio_0_equals_the_bare_model(llava_sdpa):
+    """Every returned beam's score equals the mask oracle's log-probability of that beam (teacher
+    forced, no cache; max abs diff <= LOGIT_TOL per token); at ratio 0 beams and scores are bit-identical."""
+    # One image per sample: `generate` repeats pixel_values per beam, which pairs rows and images only then.
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 5], 1)])
+    bare = llava_sdpa.generate(**inputs, **BEAM_SEARCH)
+    with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.0)):
+        unreduced = llava_sdpa.generate(**inputs, **BEAM_SEARCH)
+    assert torch.equal(unreduced.sequences, bare.sequences)
+    assert torch.equal(unreduced.sequences_scores, bare.sequences_scores)
     with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)) as handle:
-        beams = llava_sdpa.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
-        out = llava_sdpa(**inputs, output_hidden_states=True, use_cache=False)
-        kept = handle.trace[0].kept.shape[1]
-    assert beams.shape == (2, inputs["input_ids"].shape[1] + 4)
+        beams = llava_sdpa.generate(**inputs, **BEAM_SEARCH)
+        trace = handle.trace  # prefill of the beams: one row per beam, in the returned order
+    beam_rows = {k: v.repeat_interleave(BEAM_SEARCH["num_beams"], dim=0) for k, v in inputs.items()}
+    length, steps = inputs["input_ids"].shape[1], BEAM_SEARCH["max_new_tokens"]
+    generated = beams.sequences[:, length:]
+    mask = torch.cat([beam_rows["attention_mask"], generated.new_ones(len(generated), steps)], dim=1)
+    teacher_forced = {**beam_rows, "input_ids": beams.sequences, "attention_mask": mask}
+    logits = oracle_logits(llava_sdpa, teacher_forced, trace, appended=steps)[:, length - 1 : -1]
+    expected = logits.log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1).sum(-1)
+    assert (beams.sequences_scores - expected).abs().max() <= LOGIT_TOL * steps
+    assert not torch.equal(beams.sequences_scores, bare.sequences_scores)  # the reduction did act
+
+
+@torch.no_grad()
+def test_hidden_states_at_kept_positions_equal_the_mask_oracle(llava_sdpa):
+    """Every layer's hidden state at a kept position equals the mask oracle's (max abs diff <= 1e-4);
+    from layer K on they come in the shortened layout, the final one at full length again."""
+    inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
+    positions = generation_positions(inputs["attention_mask"])
+    with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)) as handle:
+        out = llava_sdpa(**inputs, position_ids=positions, output_hidden_states=True, use_cache=False)
+        trace = handle.trace
+    valid = inputs["attention_mask"].bool()
+    with hooked(oracle_masks(llava_sdpa, removed_positions(trace, valid), valid)):
+        expected = llava_sdpa(**inputs, position_ids=positions, output_hidden_states=True, use_cache=False)
+    full, short = inputs["input_ids"].shape[1], trace[0].kept.shape[1]
+    assert [h.shape[1] for h in out.hidden_states] == [full, full, full, short, full]
     assert out.logits.shape[:2] == inputs["input_ids"].shape
-    assert [h.shape[1] for h in out.hidden_states[1:]][:2] == [inputs["input_ids"].shape[1]] * 2
-    assert out.hidden_states[3].shape[1] == kept
+    for got, want in zip(out.hidden_states, expected.hidden_states, strict=True):
+        for b, row in enumerate(trace[0].kept):
+            at = row >= 0
+            slots = at.nonzero().squeeze(1) if got.shape[1] == short else row[at]
+            assert (got[b, slots] - want[b, row[at]]).abs().max() <= LOGIT_TOL

@@ -17,9 +17,11 @@ from tokenprune.flops import (
     paper_per_layer_billions,
     paper_reduction,
     tokens_per_layer,
+    tower_flops,
     trace_flops,
 )
-from tokenprune.testing.models import IMAGE_TOKEN_ID, toy_llava
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, toy_llava
+from tokenprune.testing.oracles import Prompt, llava_inputs
 
 SYSTEM, IMAGE = 36, 576  # the paper's n = 612
 
@@ -104,9 +106,11 @@ def _traced_fastv_run() -> tuple[torch.nn.Module, list[ReductionEvent], int, dic
     return model, trace, input_ids.shape[1], _per_layer(counter)
 
 
-def _per_layer(counter: FlopCounterMode) -> dict[int, int]:
-    """FLOPs torch counted inside each decoder layer module (hooks of the layer included)."""
-    prefix = "LlavaForConditionalGeneration.model.language_model.layers."
+DECODER = "LlavaForConditionalGeneration.model.language_model.layers."
+
+
+def _per_layer(counter: FlopCounterMode, prefix: str = DECODER) -> dict[int, int]:
+    """FLOPs torch counted inside each layer module under `prefix` (hooks of the layer included)."""
     return {
         int(name[len(prefix) :]): sum(counts.values())
         for name, counts in counter.get_flop_counts().items()
@@ -132,3 +136,56 @@ def test_reduced_run_counts() -> None:
     width = shape.heads * shape.head_dim
     score = 2 * shape.hidden * width + 2 * n * width
     assert measured[2] == layer_flops(shape, kept) + score
+
+
+# -- vision-site runs: the tower's reductions reach the decoder through layer 0 -------------------
+
+
+def _vision_site_run(prompts: list[Prompt], layer: int, ratio: float):
+    """A `site: vision` stage at tower layer `layer` on a toy LLaVA whose CLIP tower has 3 layers;
+    returns (model, trace, real tokens per sample, FLOPs torch counted per tower layer). Eager attention:
+    torch's counter does not count SDPA's CPU kernel."""
+    model = toy_llava(ToySize(vision_layers=3), attn_implementation="eager")
+    inputs = llava_inputs(prompts)
+    config = tp.ReductionConfig(
+        strategy="random", stages=[{"site": "vision", "layer": layer, "ratio": ratio}]
+    )
+    with tp.attach(model, config) as handle:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**inputs)
+        trace = handle.trace
+    tower = "LlavaForConditionalGeneration.model.vision_tower.encoder.layers."
+    return model, trace, inputs["attention_mask"].sum(dim=1).tolist(), _per_layer(counter, tower)
+
+
+def test_a_vision_site_past_tower_layer_0_removes_its_tokens_from_every_decoder_layer() -> None:
+    """Decoder layers see the placeholders the tower kept, from layer 0 on: 18 of 36 removed at R=0.5."""
+    model, trace, tokens, _ = _vision_site_run([Prompt([3, 4], 1)], layer=1, ratio=0.5)
+    assert {event.site for event in trace} == {"vision", "language"}
+    n = tokens[0]
+    assert tokens_per_layer(4, trace, n) == [[n - 18] * 4]
+    shape = LayerShape.from_config(model.config.text_config)
+    assert trace_flops(model.config.text_config, trace, n) == [4 * layer_flops(shape, n - 18)]
+
+
+def test_samples_holding_different_numbers_of_images() -> None:
+    """Two samples with 1 and 2 images: the tower's batch holds 3 items, the decoder's 2 samples."""
+    model, trace, tokens, _ = _vision_site_run([Prompt([2, 5], 1), Prompt([1, 2, 3], 2)], layer=1, ratio=0.5)
+    removed = [18, 36]  # 18 of each image's 36 patches
+    assert tokens_per_layer(4, trace, tokens) == [[n - r] * 4 for n, r in zip(tokens, removed, strict=True)]
+    shape = LayerShape.from_config(model.config.text_config)
+    expected = [4 * layer_flops(shape, n - r) for n, r in zip(tokens, removed, strict=True)]
+    assert trace_flops(model.config.text_config, trace, tokens) == expected
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_tower_flops_match_torch_flop_counter(layer: int) -> None:
+    """Tower layers <= the site's run on 1 + 36 tokens per image, later ones on 1 + 18: torch agrees
+    exactly, layer by layer (the random strategy asks for no signal, so nothing else runs there)."""
+    model, trace, _, measured = _vision_site_run([Prompt([2, 5], 1), Prompt([1, 2, 3], 2)], layer, 0.5)
+    vision = model.config.vision_config
+    shape = LayerShape.from_config(vision, gated=False)
+    per_image = [layer_flops(shape, 37 if index <= layer else 19) for index in range(3)]
+    assert measured == {index: 3 * flops for index, flops in enumerate(per_image)}
+    assert tower_flops(vision, trace, 37) == [sum(per_image)] * 3
+    assert tower_flops(vision, [], [37, 37]) == [3 * layer_flops(shape, 37)] * 2

@@ -100,11 +100,14 @@ def test_unknown_name_lists_known_names_and_suggests_the_closest(declare) -> Non
     with pytest.raises(tp.UnknownNameError) as caught:
         registry.get("fastvv")
     assert str(caught.value) == (
-        "unknown strategy 'fastvv'. Did you mean 'fastv'? Known strategys: fastv, random"
+        "unknown strategy 'fastvv'. Did you mean 'fastv'? Known strategies: fastv, random"
     )
     with pytest.raises(tp.UnknownNameError) as caught:
         registry.get("zzzzzz")
-    assert str(caught.value) == "unknown strategy 'zzzzzz'. Known strategys: fastv, random"
+    assert str(caught.value) == "unknown strategy 'zzzzzz'. Known strategies: fastv, random"
+    adapters = Registry("adapter", "tokenprune.test_group", tp.Adapter)
+    with pytest.raises(tp.UnknownNameError, match=r"Known adapters: fastv, random$"):
+        adapters.get("zzzzzz")
 
 
 def test_unknown_names_through_the_public_api(toy: nn.Module) -> None:
@@ -151,7 +154,7 @@ def test_a_name_declared_by_two_packages_fails_only_when_used(declare) -> None:
     for part in ["'twin'", "pkg_one.twin:Twin", "tokenprune-plugin-one", "pkg_two.twin:Twin"]:
         assert part in message
     assert "tokenprune-plugin-two" in message
-    with pytest.raises(pydantic.ValidationError, match="tokenprune-plugin-two"):
+    with pytest.raises(tp.PluginError, match="tokenprune-plugin-two"):  # not a pydantic field error
         tp.ReductionConfig(strategy="twin", layer=1, ratio=0.5)
 
 
@@ -178,7 +181,7 @@ def test_a_clash_stays_a_clash_when_the_first_class_is_declared_again(declare) -
         tp.strategy_class("trio")
 
 
-def test_a_broken_plugin_breaks_only_its_own_name(declare, broken_module: str) -> None:
+def test_a_broken_plugin_breaks_only_its_own_name(declare, broken_module: str, tmp_path: Path) -> None:
     declare(GROUPS["strategy"], _entry_point("broken", f"{broken_module}:Broken", "tokenprune-broken"))
     assert "broken" in tp.list_strategies()
     with pytest.raises(tp.PluginError) as caught:
@@ -187,8 +190,13 @@ def test_a_broken_plugin_breaks_only_its_own_name(declare, broken_module: str) -
     for part in ["'broken'", f"{broken_module}:Broken", "tokenprune-broken", "missing_lib"]:
         assert part in message
     assert isinstance(caught.value.__cause__, ImportError)
-    with pytest.raises(pydantic.ValidationError, match="missing_lib"):
+    with pytest.raises(tp.PluginError, match="missing_lib") as through_config:  # not a ValidationError
         tp.ReductionConfig(strategy="broken", layer=1, ratio=0.5)
+    assert isinstance(through_config.value.__cause__, ImportError)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("strategy: broken\nlayer: 1\nratio: 0.5\n")
+    with pytest.raises(tp.PluginError, match="missing_lib"):
+        tp.load_config(broken)
     assert tp.ReductionConfig(strategy="fastv", layer=1, ratio=0.5).strategy == "fastv"
 
 

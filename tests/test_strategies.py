@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import BUILT_IN_STRATEGIES
@@ -10,8 +12,9 @@ from hypothesis import strategies as st
 from tokenprune.strategies.uniform import lattice, strided
 
 import tokenprune as tp
-from tokenprune.contracts.reducer import split_budget, top_k_mask
-from tokenprune.testing.oracles import Prompt, llava_inputs
+from tokenprune.contracts.reducer import split_budget, strategy_label, top_k_mask
+from tokenprune.registry import STRATEGIES
+from tokenprune.testing.oracles import Prompt, class_token_view, llava_inputs
 
 
 def test_top_k_breaks_ties_towards_earlier_tokens():
@@ -140,3 +143,47 @@ def test_per_frame_budgets_keep_each_segments_share(llava_sdpa, strategy, ratio,
         for first in starts:
             in_image = [p for p in row.tolist() if 0 <= p - first < 36]
             assert len(in_image) == round(36 * (1 - ratio))
+
+
+def test_quota_is_always_a_budget_per_group():
+    """[B, G] budgets and [B, L] groups (non-candidates -1), with one budget per sample or per frame."""
+    view = class_token_view(2, (2, 3), budget=4, signals={})
+    budget, groups = view.quota()
+    assert budget.tolist() == [[4], [4]]
+    assert groups.tolist() == [[-1, 0, 0, 0, 0, 0, 0]] * 2
+    frame = torch.tensor([[5, 0, 0, 0, 1, 1, 1]] * 2)  # slot 0 is no candidate: its frame is ignored
+    per_frame = dataclasses.replace(view, frame=frame, frame_budget=torch.tensor([[1, 3], [2, 2]]))
+    budget, groups = per_frame.quota()
+    assert budget.tolist() == [[1, 3], [2, 2]]
+    assert groups.tolist() == [[-1, 0, 0, 0, 1, 1, 1]] * 2
+
+
+@torch.no_grad()
+def test_a_score_of_the_wrong_shape_names_the_strategy_and_the_expected_shape(llava_sdpa):
+    @tp.register_strategy("test_one_score_per_sample")
+    class PerSample(tp.ScoreReducer):
+        def score(self, view: tp.TokenView) -> torch.Tensor:
+            return view.hidden.sum(dim=(1, 2))  # [B], not [B, L]
+
+    inputs = llava_inputs([Prompt([2, 3], 1), Prompt([4, 1], 1)])
+    length = inputs["input_ids"].shape[1]
+    try:
+        config = tp.ReductionConfig(strategy="test_one_score_per_sample", layer=2, ratio=0.5)
+        with tp.attach(llava_sdpa, config), pytest.raises(tp.StrategyError) as caught:
+            llava_sdpa(**inputs)
+    finally:
+        STRATEGIES.unregister("test_one_score_per_sample")
+    assert str(caught.value) == (
+        f"strategy 'test_one_score_per_sample' ({PerSample.__qualname__}): score returned (2,), expected one "
+        f"score per token of the view: [B, L] = (2, {length}) (batch, tokens entering the site)"
+    )
+
+
+def test_errors_name_a_strategy_by_its_registered_name():
+    fastv = tp.strategy_class("fastv")
+    assert strategy_label(fastv()) == "strategy 'fastv' (FastV)"
+
+    class Unregistered(fastv):
+        pass
+
+    assert strategy_label(Unregistered()) == f"strategy {Unregistered.__qualname__}"  # not 'fastv'

@@ -15,7 +15,7 @@ from tokenprune.builtin.models import (
     answer_questions,
     builtin_dataset,
     encode,
-    load_builtin_model,
+    load_toy_llava,
     toy_llava_processor,
     vqa_accuracy,
 )
@@ -36,7 +36,7 @@ ACCURACY_FLOOR = 0.9
 
 @pytest.fixture(scope="module")
 def toy() -> BuiltinModel:
-    return load_builtin_model("builtin:toy-llava")
+    return load_toy_llava()
 
 
 def test_generator_is_deterministic_and_seeded():
@@ -73,10 +73,28 @@ def test_normalize_answer_drops_case_punctuation_and_articles():
 
 
 def test_unknown_builtin_names_list_the_known_ones():
-    with pytest.raises(ConfigError, match="builtin:toy-llava"):
-        load_builtin_model("builtin:nope")
+    from tokenprune.lab.loading import load_model
+
+    with pytest.raises(ConfigError, match="known: builtin:toy-llava, builtin:tiny-llava"):
+        load_model("builtin:nope")
     with pytest.raises(ConfigError, match="builtin:toy-vqa"):
         builtin_dataset("builtin:nope", "test", 1)
+
+
+def test_the_builtin_name_loads_the_shipped_model(toy):
+    from tokenprune.lab.loading import load_model
+
+    loaded = load_model("builtin:toy-llava")
+    assert (
+        (loaded.prompt, loaded.max_new_tokens)
+        == (toy.prompt, toy.max_new_tokens)
+        == ("<image> {question}", 2)
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.model.state_dict().values(), toy.model.state_dict().values(), strict=True)
+    )
+    assert loaded.adapter.name == "llava"
 
 
 def test_model_loads_through_from_pretrained_as_llava_1_5(toy):

@@ -16,13 +16,16 @@ from tokenprune.contracts.probe import unavailable_at
 from tokenprune.contracts.reducer import Merge, Reducer, TokenView
 from tokenprune.core.encoder_session import EncoderSession
 from tokenprune.core.language.session import Session
+from tokenprune.core.masks import takes_key_bias
 from tokenprune.core.selection import ReductionEvent
-from tokenprune.errors import AttachError, ConfigError
+from tokenprune.errors import AttachError, ConfigError, TokenPruneError
 from tokenprune.registry import adapter_for, strategy_class
 
 Driver = Session | EncoderSession
 
-_attached: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
+# Attached models, each to its driver, both weakly: the driver lives as long as its hooks on the
+# model do, so a model dropped without `detach()` is freed with them.
+_attached: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Driver]] = weakref.WeakKeyDictionary()
 
 
 class Handle:
@@ -124,18 +127,40 @@ class SelectionTimer:
 
 def attach(model: nn.Module, config: ReductionConfig, adapter: str | None = None) -> Handle:
     """Attach the reduction `config` to `model` through hooks; the model's weights are untouched."""
-    if model in _attached:
+    if _is_attached(model):
         raise AttachError("this model already has a reduction attached: detach it first (handle.detach())")
     chosen = adapter_for(model, adapter)
     reducer_cls = strategy_class(config.strategy)
     if isinstance(chosen, Adapter):
         _check_sites(chosen, config, reducer_cls)
     reducer = reducer_cls(reducer_cls.Params.model_validate(config.params))
+    if isinstance(chosen, Adapter):
+        _check_key_bias(chosen, config, reducer)
     session = _driver(chosen, config, reducer)
-    session.install()
-    handle = Handle(session)
-    _attached[model] = handle
-    return handle
+    _install(session, config)
+    _attached[model] = weakref.ref(session)
+    return Handle(session)
+
+
+def _is_attached(model: nn.Module) -> bool:
+    """Whether a reduction is attached to `model` (through any handle, kept or dropped)."""
+    reference = _attached.get(model)
+    return reference is not None and reference() is not None
+
+
+def _install(session: Driver, config: ReductionConfig) -> None:
+    """Place the driver's hooks, all or none: a failure removes what was placed, then says what failed."""
+    try:
+        session.install()
+    except BaseException as exc:
+        session.remove()
+        if isinstance(exc, TokenPruneError) or not isinstance(exc, Exception):
+            raise
+        raise AttachError(
+            f"attaching {config.strategy!r} through adapter {session.adapter.name!r} failed while placing "
+            f"its hooks ({type(exc).__name__}: {exc}); the hooks placed before were removed: check that "
+            "the adapter describes this model's modules"
+        ) from exc
 
 
 def _driver(adapter: BaseAdapter, config: ReductionConfig, reducer: Reducer) -> Driver:
@@ -187,3 +212,26 @@ def _check_sites(adapter: Adapter, config: ReductionConfig, reducer_cls: type[Re
             f"attention implementation {backend!r} has no mask function registered in transformers; "
             f"supported: {', '.join(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}"
         )
+
+
+def _check_key_bias(adapter: Adapter, config: ReductionConfig, reducer: Reducer) -> None:
+    """Refuse, now rather than at the first forward, a key bias that an attention backend cannot carry.
+
+    Merges with proportional attention (ToMe's default) add log(size) to the attention logits of
+    merged keys: in the language model, and in the vision towers of `site: vision` stages. A backend
+    whose mask is not an additive 4-D tensor (FlashAttention, flex attention) has no place for it.
+    """
+    if not (type(reducer).merges and getattr(reducer.params, "proportional_attention", True)):
+        return
+    configs = {"the language model": adapter.text_config()}
+    if any(stage.site == "vision" for stage in config.stages):
+        for tower in adapter.vision_towers():
+            configs[f"the {tower.modality} tower"] = getattr(tower.layers[0].self_attn, "config", None)
+    for where, backend_config in configs.items():
+        if backend_config is not None and not takes_key_bias(backend_config):
+            raise AttachError(
+                f"strategy {config.strategy!r} merges with proportional attention, a float bias on the "
+                f"attention logits, which {where}'s attention {backend_config._attn_implementation!r} "
+                'cannot take: load the model with attn_implementation="sdpa" (or eager), or set '
+                "`proportional_attention: false` in the params"
+            )

@@ -10,7 +10,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tokenprune.errors import ConfigError, TokenPruneError, describe_errors
+from tokenprune.errors import ConfigError, UnknownNameError, describe_errors
 from tokenprune.registry import strategy_class
 
 DEFAULT_STRATEGY = "fastv"
@@ -111,7 +111,8 @@ class ReductionConfig(BaseModel):
         try:
             params = reducer.Params.model_validate(self.params)
         except ValidationError as exc:
-            raise ValueError(f"params of strategy {self.strategy!r}: {describe_errors(exc)}") from None
+            problems = describe_errors(exc, known_fields=reducer.Params.model_fields)
+            raise ValueError(f"params of strategy {self.strategy!r}: {problems}") from None
         object.__setattr__(self, "params", params.model_dump())
         own_schedule = reducer(params).removals(1) is not None
         if own_schedule and self.stages:
@@ -133,24 +134,57 @@ class ReductionConfig(BaseModel):
     def _known_strategy(cls, name: str) -> str:
         try:
             strategy_class(name)
-        except TokenPruneError as exc:  # unknown (with the known names) or a broken plug-in
-            raise ValueError(str(exc)) from None
+        except UnknownNameError as exc:  # a field error, with the known names; a broken plug-in's
+            raise ValueError(str(exc)) from None  # PluginError passes through pydantic as it is
         return name
 
 
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a JSON (.json) or YAML (any other suffix) file holds: the one loader of config files.
 
-def load_config(path: str | Path) -> ReductionConfig:
-    """Read a ReductionConfig from a YAML (.yaml/.yml) or JSON file; errors name the file and field."""
+    Raises ConfigError naming the file, and the line and column of a syntax error.
+    """
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}, line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}{_yaml_place(exc)}: invalid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+        found = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path}: expected a mapping of fields, found {found}")
+    return data
+
+
+def _yaml_place(exc: yaml.YAMLError) -> str:
+    """Where the YAML parser stopped, as `, line L, column C` (1-based), or "" if it does not say."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return "" if mark is None else f", line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's own words, without its position (already given) or a copy of the offending line."""
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
+
+
+def load_config(path: str | Path) -> ReductionConfig:
+    """Read a ReductionConfig from a YAML or JSON file (`read_mapping`), alone or under `reduction:`.
+
+    Every problem is a ConfigError naming the file (and the line and column of a syntax error),
+    except a strategy plug-in that fails to load: a PluginError.
+    """
+    path = Path(path)
+    data = read_mapping(path)
     data = data.get("reduction", data)
     try:
         return ReductionConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid reduction config: {describe_errors(exc)}") from exc
+        fields = {*ReductionConfig.model_fields, *Stage.model_fields}
+        problems = describe_errors(exc, known_fields=fields)
+        raise ConfigError(f"{path}: invalid reduction config: {problems}") from exc

@@ -1,5 +1,8 @@
 """Errors raised by tokenprune: each names what is wrong and how to fix it."""
 
+import difflib
+from collections.abc import Collection
+
 from pydantic import ValidationError
 
 
@@ -31,13 +34,24 @@ class InputError(TokenPruneError, ValueError):
 
 
 class StrategyError(TokenPruneError):
-    """A strategy that returned a selection breaking the Reducer contract."""
+    """A strategy that broke the Reducer contract: a score or selection of the wrong shape, off budget..."""
 
 
-def describe_errors(exc: ValidationError) -> str:
-    """`field.path: message` per pydantic error, joined by "; ", without pydantic's "Value error, " prefix."""
+def describe_errors(exc: ValidationError, known_fields: Collection[str] = ()) -> str:
+    """`field.path: message` per pydantic error, joined by "; ", without pydantic's "Value error, " prefix.
+
+    An unknown field close to one of `known_fields` gets a suggestion: "(did you mean `radius`?)".
+    """
     parts = []
     for error in exc.errors():
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden" and error["loc"]:
+            message += _suggestion(str(error["loc"][-1]), known_fields)
         parts.append(f"{'.'.join(map(str, error['loc']))}: {message}" if error["loc"] else message)
     return "; ".join(parts)
+
+
+def _suggestion(name: str, known: Collection[str]) -> str:
+    """A hint ` (did you mean `x`?)` naming the known name closest to `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""

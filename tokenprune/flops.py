@@ -13,7 +13,8 @@ Two counts, for two purposes:
   or O(n kv heads) element-wise work) and the LM head (one token per step in generation) are left out.
 
 `tokens_per_layer` turns a `handle.trace` into the token count each decoder layer processed, so a
-reduced run is counted with the lengths it actually ran at.
+reduced run is counted with the lengths it actually ran at; `tower_flops` counts a VLM's vision tower
+the same way from the trace's `site: vision` events (its own column: the decoder count leaves it out).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tokenprune.contracts.reducer import Site
     from tokenprune.core.selection import ReductionEvent
 
 BILLION = 1e9
@@ -145,37 +147,70 @@ def model_flops(
 
 # -- token counts of a reduced run ------------------------------------------------------------------
 
+# The first layer of its site that an event's reduction reaches: a language stage reduces the input of
+# its decoder layer, a vision stage the output of its tower layer (the tower's next layer sees it first).
+FIRST_REDUCED_LAYER = {"language": 0, "vision": 1}
+
 
 def tokens_per_layer(
-    n_layers: int, trace: Sequence[ReductionEvent], full_tokens: int | Sequence[int]
+    n_layers: int,
+    trace: Sequence[ReductionEvent],
+    full_tokens: int | Sequence[int],
+    site: Site = "language",
 ) -> list[list[int]]:
-    """Per sample, the tokens each decoder layer processed in a run whose reductions are `trace`.
+    """Per item, the tokens each layer of `site` processed in a run whose reductions are `trace`.
 
-    Layers before the first event see `full_tokens` (an int for every sample, or one per sample);
-    from an event's `layer` on, a sample's layers see that event's `tokens_after`. Counts are real
-    tokens: padding and filler slots of a batch are not included.
+    Only the events of `site` count. `"language"`: the decoder's layers, one item per sample; from an
+    event's `layer` on, a sample's layers see its `tokens_after`. The tokens a vision tower removed are
+    already gone from every decoder layer: the session records them in a language event at layer 0.
+    `"vision"`: a VLM tower's layers, one item per image (or frame, or tile) of the tower's batch; the
+    layers after an event's `layer` see its `tokens_after`. Layers before the first event see
+    `full_tokens` (an int for every item, or one per item). Padding and filler slots are not counted.
     """
-    events = sorted(trace, key=lambda event: event.layer)
+    events = sorted((event for event in trace if event.site == site), key=lambda event: event.layer)
     batch = _batch_size(events, full_tokens)
     full = [full_tokens] * batch if isinstance(full_tokens, int) else list(full_tokens)
     counts = [[n] * n_layers for n in full]
     for event in events:
         if not 0 <= event.layer < n_layers:
-            raise ValueError(f"event at layer {event.layer}, the model has {n_layers} layers")
-        for sample, after in enumerate(event.tokens_after):
-            counts[sample][event.layer :] = [after] * (n_layers - event.layer)
+            raise ValueError(f"{site} event at layer {event.layer}, the {site} model has {n_layers} layers")
+        start = event.layer + FIRST_REDUCED_LAYER[site]
+        for item, after in enumerate(event.tokens_after):
+            counts[item][start:] = [after] * (n_layers - start)
     return counts
 
 
 def trace_flops(
     text_config: Any, trace: Sequence[ReductionEvent], full_tokens: int | Sequence[int]
 ) -> list[int]:
-    """Per sample, `model_flops` of a prefill reduced as `trace` says (an empty trace: the unreduced run)."""
+    """Per sample, decoder `model_flops` of a prefill reduced as `trace` says (empty: the unreduced run).
+
+    `full_tokens`: real tokens of each sample's input ids (an int for every sample). Vision-site events
+    are left to `tower_flops`; their effect on the decoder is counted here.
+    """
     counts = tokens_per_layer(text_config.num_hidden_layers, trace, full_tokens)
     return [model_flops(text_config, sample) for sample in counts]
 
 
+def tower_flops(
+    vision_config: Any, trace: Sequence[ReductionEvent], full_tokens: int | Sequence[int], gated: bool = False
+) -> list[int]:
+    """Per item of a VLM vision tower's batch (image, frame or tile), the FLOPs of its encoder layers.
+
+    `vision_config`: the tower's config (CLIP style field names; `gated=False`: a two-matrix MLP, as
+    CLIP and SigLIP have). `trace`: a run's events, of which the `site: vision` ones count (those of one
+    tower); `full_tokens`: tokens entering the tower per item, class token included (CLIP-L/14 at 336px:
+    577), an int for every item or one per item. Every layer of the tower is counted, as transformers
+    runs them all, also those after the layer whose features reach the projector.
+    """
+    n_layers = vision_config.num_hidden_layers
+    counts = tokens_per_layer(n_layers, trace, full_tokens, site="vision")
+    shape = LayerShape.from_config(vision_config, gated=gated)
+    return [sum(layer_flops(shape, n) for n in item) for item in counts]
+
+
 def _batch_size(events: Sequence[ReductionEvent], full_tokens: int | Sequence[int]) -> int:
+    """Items the counts are for: one per entry of `full_tokens`, else of the first event; all must agree."""
     if not isinstance(full_tokens, int):
         batch = len(full_tokens)
     elif events:
@@ -184,6 +219,6 @@ def _batch_size(events: Sequence[ReductionEvent], full_tokens: int | Sequence[in
         batch = 1
     for event in events:
         if len(event.tokens_after) != batch:
-            samples = len(event.tokens_after)
-            raise ValueError(f"event at layer {event.layer} has {samples} samples, expected {batch}")
+            items = len(event.tokens_after)
+            raise ValueError(f"{event.site} event at layer {event.layer} has {items} items, expected {batch}")
     return batch

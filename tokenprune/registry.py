@@ -53,7 +53,7 @@ class Registry(Generic[T]):
                     f"{self.kind} name {name!r} is taken twice: by {known.origin} and by {origin}"
                 )
             self._registered[name] = _Source(origin, lambda: cls)
-            self._loaded[name] = cls
+            self._remember(name, cls)
             return cls
 
         return decorate
@@ -82,8 +82,14 @@ class Registry(Generic[T]):
         except Exception as exc:
             raise PluginError(f"{self.kind} {name!r} from {source.origin} failed to load: {exc!r}") from exc
         self._check(name, source.origin, cls)
-        self._loaded[name] = cls
+        self._remember(name, cls)
         return cls
+
+    def _remember(self, name: str, cls: type[T]) -> None:
+        """Keep a loaded class, and tell a class naming none of its own the name it is registered under."""
+        self._loaded[name] = cls
+        if vars(cls).get("name") is None:
+            cls.name = name
 
     def _check(self, name: str, origin: str, cls: object) -> None:
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
@@ -95,7 +101,8 @@ class Registry(Generic[T]):
         known = self.names()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known) or '(none)'}"
+        listing = ", ".join(known) or "(none)"
+        return f"unknown {self.kind} {name!r}.{hint} Known {_plural(self.kind)}: {listing}"
 
     def _sources(self) -> dict[str, _Source]:
         if self._discovered is None:
@@ -117,6 +124,11 @@ class Registry(Generic[T]):
         return found
 
 
+def _plural(noun: str) -> str:
+    """English plural of a registry's kind: strategy -> strategies, adapter -> adapters."""
+    return noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+
+
 def _conflict(kind: str, name: str, first: _Source, second: str) -> Callable[[], object]:
     def fail() -> object:
         raise PluginError(f"{kind} name {name!r} is declared twice: by {first.origin} and by {second}")
@@ -129,6 +141,7 @@ ADAPTERS: Registry[BaseAdapter] = Registry("adapter", "tokenprune.adapters", Bas
 
 register_strategy = STRATEGIES.register
 register_adapter = ADAPTERS.register
+
 
 def list_strategies(pattern: str = "*") -> list[str]:
     """Names of the strategies available (built-in and installed plug-ins), filtered by a wildcard."""

@@ -1,4 +1,4 @@
-"""Built-in models and tasks that need no download: `builtin:toy-llava` answering `builtin:toy-vqa`.
+"""The built-in trained model and task that need no download: the toy LLaVA answering `builtin:toy-vqa`.
 
 The toy LLaVA is a trained `LlavaForConditionalGeneration` shipped as package data (see
 `tools/train_toy.py` and docs/toy-model.md) and loaded through `from_pretrained`, as any local
@@ -37,7 +37,6 @@ from tokenprune.builtin.toyvqa import (
 from tokenprune.errors import ConfigError
 
 TOY_LLAVA_DIR = Path(__file__).parent / "data" / "toy-llava"
-BUILTIN_MODEL_DIRS = {"builtin:toy-llava": TOY_LLAVA_DIR}
 BUILTIN_DATASETS = ("builtin:toy-vqa",)
 
 
@@ -51,11 +50,13 @@ class BuiltinModel:
     max_new_tokens: int
 
 
-def load_builtin_model(name: str, attn_implementation: str = "sdpa") -> BuiltinModel:
-    """A built-in model by name, in eval mode, float32, through `from_pretrained` on its package folder."""
-    if name not in BUILTIN_MODEL_DIRS:
-        raise ConfigError(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODEL_DIRS)}")
-    folder = BUILTIN_MODEL_DIRS[name]
+def load_toy_llava(attn_implementation: str = "sdpa") -> BuiltinModel:
+    """The trained toy LLaVA, in eval mode, float32, through `from_pretrained` on its package folder.
+
+    Configs name it `builtin:toy-llava`: `tokenprune.lab.loading.BUILTIN_MODELS` is the one table of
+    `builtin:` model names, for `tokenprune run` and `tokenprune ablate` alike.
+    """
+    folder = TOY_LLAVA_DIR
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, attn_implementation=attn_implementation, dtype=torch.float32
     )

@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 
 from tokenprune.contracts.layout import VisualLayout
 from tokenprune.contracts.probe import ProjectionProbe
+from tokenprune.errors import InputError
 
 
 class BaseAdapter(ABC):
@@ -59,6 +60,18 @@ class Adapter(BaseAdapter):
     @abstractmethod
     def visual_layout(self, inputs: dict[str, Any]) -> VisualLayout | None:
         """Where the visual tokens are, from the entry module's keyword inputs; None when there are none."""
+
+    def input_ids(self, inputs: dict[str, Any]) -> Tensor:
+        """[B, N] the token ids of the entry module's keyword `inputs`, where visual tokens are found.
+
+        This default needs `input_ids`; override to also locate placeholders in `inputs_embeds`.
+        """
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise InputError(
+                f"adapter {self.name!r} locates visual tokens in `input_ids`: pass them, not `inputs_embeds`"
+            )
+        return ids
 
     def attention_module(self, layer: int) -> nn.Module:
         """The self-attention module of decoder layer `layer`."""
@@ -120,6 +133,29 @@ class ConditionalGenerationAdapter(Adapter):
 
     def final_norm(self) -> nn.Module | None:
         return self.base_model().language_model.norm
+
+    def placeholder_token_ids(self) -> tuple[int, ...]:
+        """The ids of the visual placeholder tokens: the config's `image_token_id` and `video_token_id`."""
+        config = self.model.config
+        ids = (getattr(config, name, None) for name in ("image_token_id", "video_token_id"))
+        return tuple(token for token in ids if token is not None)
+
+    def input_ids(self, inputs: dict[str, Any]) -> Tensor:
+        """The `input_ids`, or with `inputs_embeds` ids recovered as the model itself finds its placeholders.
+
+        A position whose embedding equals a placeholder token's embedding exactly gets that token's id
+        (the models' own `get_placeholder_mask`); every other position gets -1 (text, unknown id).
+        """
+        ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+        if ids is not None or embeds is None:
+            return super().input_ids(inputs)
+        embedding = self.base_model().get_input_embeddings()
+        recovered = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
+        with torch.no_grad():
+            for token in self.placeholder_token_ids():
+                reference = embedding(torch.full((), token, dtype=torch.long, device=embeds.device))
+                recovered.masked_fill_((embeds == reference.to(embeds.device)).all(-1), token)
+        return recovered
 
 
 @dataclass(frozen=True)
@@ -204,3 +240,24 @@ class EncoderAdapter(BaseAdapter):
     @abstractmethod
     def size_weighted_pooling(self, sizes: Callable[[], Tensor | None]) -> Callable[[], None]:
         """Make the model's pooling weigh each token by `sizes()` [B, N] (None: as is); returns the undo."""
+
+    def recomputes_blocks(self) -> bool:
+        """Whether the blocks run again in the backward pass (gradient checkpointing), which would reduce
+        twice; the driver then refuses forwards with gradients. This default: never."""
+        return False
+
+
+def replace_attribute(owner: object, name: str, value: object) -> Callable[[], None]:
+    """Set the instance attribute `owner.name` to `value`; returns the undo, which puts back exactly what
+    was there (an instance attribute of the same name set by someone else, or none)."""
+    missing = object()
+    previous = vars(owner).get(name, missing)
+    setattr(owner, name, value)
+
+    def undo() -> None:
+        if previous is missing:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, previous)
+
+    return undo

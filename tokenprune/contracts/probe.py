@@ -20,9 +20,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from tokenprune.errors import AttachError
 from tokenprune.indexing import gather_tokens
 
 QUERY_CHUNK = 256
+
+# What the probe reads of an attention module besides its module's `apply_rotary_pos_emb`.
+PROJECTION_PARTS = ("q_proj", "k_proj", "head_dim", "scaling")
 
 # Signals read from the attention layer before the site: a site before layer 0 cannot offer them.
 LAYER_BEFORE_SIGNALS = frozenset({"attention", "keys"})
@@ -47,8 +51,13 @@ class ProjectionProbe:
 
     def __init__(self, attention: nn.Module) -> None:
         self.attention = attention
-        module = sys.modules[type(attention).__module__]
-        self.rotary: Callable[..., tuple[Tensor, Tensor]] = module.apply_rotary_pos_emb
+        self.rotary: Callable[..., tuple[Tensor, Tensor]] = _rotary_helper(attention)
+        missing = [name for name in PROJECTION_PARTS if not hasattr(attention, name)]
+        if missing:
+            raise AttachError(
+                f"the attention probe needs {', '.join(missing)} on {type(attention).__name__}, which "
+                "has none: override `Adapter.probe` for this attention"
+            )
 
     def watch(self, store: Callable[[AttentionInputs], None]) -> list[RemovableHandle]:
         """Hooks handing `store` the inputs and key projection of every forward of the module."""
@@ -62,14 +71,22 @@ class ProjectionProbe:
             if pending:
                 store(AttentionInputs(pending.pop("hidden"), pending.pop("rotary"), output))
 
+        def done(module: nn.Module, args: tuple, output: Any) -> None:
+            pending.clear()  # a forward that failed before its key projection keeps nothing either
+
         return [
             self.attention.register_forward_pre_hook(before, with_kwargs=True),
             self.attention.k_proj.register_forward_hook(keys),
+            self.attention.register_forward_hook(done, always_call=True),
         ]
 
     @torch.no_grad()
     def project(self, normed: Tensor, rotary: tuple[Tensor, Tensor]) -> AttentionInputs:
-        """What the module would see for normed hidden states [B, N, D]: its key projection computed."""
+        """What the module would see for normed hidden states [B, N, D]: its key projection computed.
+
+        The rotary tables follow `normed` (under a device map the model keeps them elsewhere).
+        """
+        rotary = tuple(t.to(normed.device) for t in rotary)
         return AttentionInputs(normed, rotary, self.attention.k_proj(normed))
 
     @torch.no_grad()
@@ -92,16 +109,17 @@ class ProjectionProbe:
             raise ValueError(f"signal option query={query!r}: expected 'last' or 'mean' at a decoder layer")
         batch, length, _ = inputs.hidden.shape
         keys = self._key_states(inputs, rope)
-        allowed = valid if keys_allowed is None else valid & keys_allowed
+        asked_on, valid = valid.device, valid.to(keys.device)  # the layer may run on another device
+        allowed = valid if keys_allowed is None else valid & keys_allowed.to(keys.device)
         if query == "last":
             last = length - 1 - valid.flip(1).to(torch.int8).argmax(dim=1)
-            return self._rows(inputs, keys, last[:, None], allowed, rope).squeeze(1)
+            return self._rows(inputs, keys, last[:, None], allowed, rope).squeeze(1).to(asked_on)
         total = torch.zeros(batch, length, dtype=torch.float32, device=keys.device)
         for start in range(0, length, QUERY_CHUNK):
             rows = torch.arange(start, min(start + QUERY_CHUNK, length), device=keys.device).expand(batch, -1)
             probs = self._rows(inputs, keys, rows, allowed, rope)
             total += (probs * valid.gather(1, rows)[..., None]).sum(dim=1)
-        return total / valid.sum(dim=1, keepdim=True).clamp(min=1)
+        return (total / valid.sum(dim=1, keepdim=True).clamp(min=1)).to(asked_on)
 
     @torch.no_grad()
     def keys(self, inputs: AttentionInputs, rope: bool, heads: Literal["mean", "concat"]) -> Tensor:
@@ -144,3 +162,15 @@ class ProjectionProbe:
         causal = allowed[:, None, :] & (key_index[None, None, :] <= rows[:, :, None])
         logits = logits.masked_fill(~causal[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
+
+
+def _rotary_helper(attention: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The `apply_rotary_pos_emb` of the module defining the attention class (Llama-style models)."""
+    module = sys.modules.get(type(attention).__module__)
+    helper = getattr(module, "apply_rotary_pos_emb", None)
+    if helper is None:
+        raise AttachError(
+            f"the attention probe needs `apply_rotary_pos_emb` in the module of {type(attention).__name__} "
+            f"({type(attention).__module__}), which has none: override `Adapter.probe` for this attention"
+        )
+    return helper

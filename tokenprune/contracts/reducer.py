@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from tokenprune.errors import TokenPruneError
+from tokenprune.errors import StrategyError, TokenPruneError
 
 QueryRows = Literal["last", "mean", "class"]
 Site = Literal["language", "vision"]
@@ -111,11 +111,15 @@ class TokenView:
             return torch.ones(self.candidates.shape, dtype=torch.float32, device=self.candidates.device)
         return self.sizes
 
-    def quota(self) -> tuple[Tensor, Tensor | None]:
-        """(budgets, groups) for `top_k_mask`: per sample, or per frame with `budget: per_frame`."""
+    def quota(self) -> tuple[Tensor, Tensor]:
+        """(budget [B, G] long, group [B, L] long) for `top_k_mask`, always of these shapes.
+
+        One budget per sample (G = 1, every candidate in group 0), or one per frame with
+        `budget: per_frame` (G frames, a candidate's group is its `frame`). Non-candidates: group -1.
+        """
         if self.frame_budget is None:
-            return self.budget, None
-        return self.frame_budget, self.frame
+            return self.budget[:, None], torch.where(self.candidates, 0, -1)
+        return self.frame_budget, self.frame.masked_fill(~self.candidates, -1)
 
 
 @dataclass
@@ -146,13 +150,15 @@ class Reducer(ABC):
     """Base class of every strategy: fill in `select`.
 
     Class attributes: `Params`, the pydantic model of the strategy's parameters (validated from
-    the config's `params`); `requires`, the signals it asks for (a site that cannot provide them
+    the config's `params`); `name`, the name it is registered under (set by the registry);
+    `requires`, the signals it asks for (a site that cannot provide them
     is refused when attaching); `merges`, whether it returns `Merge` results; `sites`, where it
     acts: `"language"` (a language model's decoder layers) and/or `"vision"` (a vision encoder: a
     ViT's blocks, a VLM's vision tower).
     """
 
     Params: ClassVar[type[BaseModel]] = NoParams
+    name: ClassVar[str | None] = None  # the registered name: the registry sets it on the class it loads
     requires: ClassVar[frozenset[str]] = frozenset()
     merges: ClassVar[bool] = False  # select may return a Merge: removed tokens live on in survivors
     sites: ClassVar[frozenset[Site]] = frozenset({"language", "vision"})  # where the method can act
@@ -180,7 +186,23 @@ class ScoreReducer(Reducer):
         """Float [B, L]: higher is kept first; ties go to the earlier position."""
 
     def select(self, view: TokenView) -> Tensor:
-        return top_k_mask(self.score(view), view.candidates, *view.quota())
+        """The `budget` best-scoring candidates of each sample (or frame); a misshapen score is refused."""
+        scores = self.score(view)
+        expected = tuple(view.candidates.shape)
+        if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
+            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise StrategyError(
+                f"{strategy_label(self)}: score returned {got}, expected one score per token of the view: "
+                f"[B, L] = {expected} (batch, tokens entering the site)"
+            )
+        return top_k_mask(scores, view.candidates, *view.quota())
+
+
+def strategy_label(reducer: Reducer) -> str:
+    """How errors name a strategy: its registered name and class, or its class alone if unregistered."""
+    cls = type(reducer)
+    registered = vars(cls).get("name")
+    return f"strategy {registered!r} ({cls.__qualname__})" if registered else f"strategy {cls.__qualname__}"
 
 
 def top_k_mask(scores: Tensor, candidates: Tensor, budget: Tensor, groups: Tensor | None = None) -> Tensor:

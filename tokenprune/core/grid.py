@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from tokenprune.config import Stage
     from tokenprune.core.selection import ReductionEvent
 
+
 @dataclass
 class GridTokens:
     """One forward's tokens of a [prefix, row-major patch grid] sequence, reduced in place.
@@ -55,18 +56,26 @@ class GridTokens:
         """Keep a block's `"queries"` or `"keys"` [B, H, L, d] for the signals of a site at `layer`."""
         self.captured.setdefault(layer, {})[name] = value
 
-    def bias(self, dtype: torch.dtype) -> Tensor | None:
-        """[B, 1, 1, L] log(size) per key once something merged with proportional attention, else None."""
+    def bias(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """[B, 1, 1, L] log(size) per key once something merged with proportional attention, else None;
+        on the device of the hidden states it meets."""
         bias = key_bias(self.sizes) if self.proportional else None
-        return None if bias is None else bias[:, None, None, :].to(dtype)
+        return None if bias is None else bias[:, None, None, :].to(device, dtype)
 
     def reduce(self, stage: Stage, x: Tensor, scale: float) -> Tensor:
-        """Apply the reducer at `stage` to `x` [B, L, D]; `scale` is the site's attention logit scale."""
+        """Apply the reducer at `stage` to `x` [B, L, D]; `scale` is the site's attention logit scale.
+
+        The queries and keys captured for this stage are released here: nothing of the block's
+        attention outlives its reduction.
+        """
         batch, length = x.shape[:2]
         if self.index is None:
             self.index = torch.arange(length, device=x.device).expand(batch, length)
             self.groups = initial_groups(torch.ones(batch, length, dtype=torch.bool, device=x.device))
-        view = self._view(stage, x, self._signals(stage.layer, scale, self.bias(torch.float32)))
+        self._follow(x.device)
+        captured = self.captured.pop(stage.layer, {})
+        signals = self._signals(captured, scale, self.bias(torch.float32, x.device))
+        view = self._view(stage, x, signals)
         keep, merge = selection_parts(self.reducer.select(view))
         check_selection(type(self.reducer).__name__, keep, view, merge)
         sizes = self.sizes
@@ -85,6 +94,14 @@ class GridTokens:
         self.events.append(event)
         self.index = kept
         return gather_tokens(x, inner, 1)
+
+    def _follow(self, device: torch.device) -> None:
+        """Move the per-forward state to `device`: a dispatched encoder may run its blocks on several."""
+        if self.index.device == device:
+            return
+        self.index, self.groups = self.index.to(device), self.groups.to(device)
+        self.sizes = None if self.sizes is None else self.sizes.to(device)
+        self.grid_table = None if self.grid_table is None else self.grid_table.to(device)
 
     def _rank(self, merge: Merge | None) -> Tensor:
         """Order of the survivors: the strategy's (ToMe's reference order) or spatial (original position)."""
@@ -119,9 +136,9 @@ class GridTokens:
             site="vision",
         )
 
-    def _signals(self, layer: int, scale: float, bias: Tensor | None) -> Signals:
-        """`keys()` [B, L, d] head-averaged; `attention(query)` [B, L] from the class token or all tokens."""
-        captured = self.captured.get(layer, {})
+    def _signals(self, captured: dict[str, Tensor], scale: float, bias: Tensor | None) -> Signals:
+        """`keys()` [B, L, d] head-averaged; `attention(query)` [B, L] from the class token or all tokens,
+        from the `captured` queries and keys of the stage's block."""
         queries, keys = captured.get("queries"), captured.get("keys")
         if keys is None:
             return Signals()

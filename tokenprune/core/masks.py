@@ -26,9 +26,29 @@ def build_causal_mask(
     `key_bias` [B, kv] (proportional attention: log of merged sizes) makes it an additive float
     mask with the bias added to every query's logit of each key; SDPA stays fused.
     """
+    mask = _backend_mask(config, key_valid, q_length, dtype, allow_is_causal_skip=key_bias is None)
+    return mask if key_bias is None else _with_key_bias(mask, key_bias, dtype, config._attn_implementation)
+
+
+def takes_key_bias(config) -> bool:
+    """Whether `config`'s attention backend can carry a float key bias (an additive 4-D mask).
+
+    FlashAttention gets a padding mask and flex attention a block mask: neither can. A backend with
+    no mask function registered in transformers cannot either, as far as tokenprune knows.
+    """
+    if config._attn_implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+        return False
+    mask = _backend_mask(
+        config, torch.ones(1, 1, dtype=torch.bool), 1, torch.float32, allow_is_causal_skip=False
+    )
+    return isinstance(mask, Tensor) and mask.ndim == 4
+
+
+def _backend_mask(config, key_valid: Tensor, q_length: int, dtype: torch.dtype, allow_is_causal_skip: bool):
+    """The causal mask over real keys `key_valid` [B, kv], made by the backend's own mask function."""
     batch, kv_length = key_valid.shape
     interface = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
-    mask = interface(
+    return interface(
         batch_size=batch,
         q_length=q_length,
         kv_length=kv_length,
@@ -36,18 +56,17 @@ def build_causal_mask(
         kv_offset=0,
         mask_function=causal_mask_function,
         attention_mask=key_valid,
-        allow_is_causal_skip=key_bias is None,
+        allow_is_causal_skip=allow_is_causal_skip,
         dtype=dtype,
         config=config,
         use_vmap=False,
         device=key_valid.device,
     )
-    return mask if key_bias is None else _with_key_bias(mask, key_bias, dtype, config._attn_implementation)
 
 
 def _with_key_bias(mask: Tensor | None, key_bias: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
     """An additive float mask [B, 1, q, kv]: `mask`'s exclusions plus `key_bias` on every query row."""
-    if mask is None or mask.ndim != 4:
+    if not isinstance(mask, Tensor) or mask.ndim != 4:
         raise StrategyError(
             f"proportional attention adds log(size) to attention logits, which needs a 4-D mask: "
             f"attention {backend!r} has none; use sdpa or eager, or turn proportional attention off"

@@ -41,7 +41,6 @@ class ReductionEvent:
     site: str = "language"
 
 
-
 def selection_parts(selection: Tensor | Merge) -> tuple[Tensor, Merge | None]:
     """(keep mask, merge or None) of what `Reducer.select` returned."""
     if isinstance(selection, Merge):
@@ -50,24 +49,22 @@ def selection_parts(selection: Tensor | Merge) -> tuple[Tensor, Merge | None]:
 
 
 def check_selection(name: str, keep: Tensor, view: TokenView, merge: Merge | None = None) -> None:
+    """Refuse a selection breaking the contract: wrong shape or type, non-candidates kept, off budget."""
     if keep.shape != view.candidates.shape or keep.dtype != torch.bool:
         raise StrategyError(
             f"{name}.select returned {tuple(keep.shape)} {keep.dtype}, "
             f"expected bool {tuple(view.candidates.shape)}"
         )
-    counts = keep.sum(dim=1)
     budget, groups = view.quota()
-    if groups is None:
-        per_group, budget = counts[:, None], budget[:, None]
-    else:
-        per_group = group_counts(keep, groups, budget.shape[1])
+    per_group = group_counts(keep, groups, budget.shape[1])
     outside, off_budget = torch.stack([(keep & ~view.candidates).any(), (per_group != budget).any()]).tolist()
     if outside:
         raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
     if off_budget:
-        unit = "sample" if groups is None else "frame"
+        unit = "sample" if view.frame_budget is None else "frame"
         raise StrategyError(
-            f"{name}.select kept {per_group.tolist()} per {unit}, the budget is {budget.tolist()}"
+            f"{name}.select kept {per_group.tolist()} per {unit} (a row per sample), "
+            f"the budget is {budget.tolist()}"
         )
     if merge is not None:
         _check_merge(name, keep, view, merge)

@@ -10,6 +10,7 @@ happen on the vision features, before the (non-linear) projector, as VisionZip a
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,14 +54,16 @@ class Handoff:
         `keep` and `into` concern the `candidates` among them; `into` is the sequence position of the
         token a merged one joined (-1: kept, dropped, or not a candidate).
         """
-        item, token = item.clamp(min=0), token.clamp(min=0)
-        keep = self.survive[item, token] & placed & candidates
-        position_of = torch.full_like(self.holder, -1)
+        device = positions.device  # the language model's: the tower may run on another one
+        item, token = item.to(device).clamp(min=0), token.to(device).clamp(min=0)
+        survive, holders = self.survive.to(device), self.holder.to(device)
+        keep = survive[item, token] & placed & candidates
+        position_of = torch.full_like(holders, -1)
         position_of[item[placed], token[placed]] = positions[placed]
-        holder = self.holder[item, token]
+        holder = holders[item, token]
         dropped_or_kept = keep | ~(placed & candidates) | (holder < 0)
         into = position_of[item, holder.clamp(min=0)].masked_fill(dropped_or_kept, -1)
-        sizes = None if self.sizes is None else torch.where(placed, self.sizes[item, token], 1.0)
+        sizes = None if self.sizes is None else torch.where(placed, self.sizes.to(device)[item, token], 1.0)
         return keep, into, sizes
 
 
@@ -84,9 +87,10 @@ class VisionSite:
         self.token_order = token_order
         self.tokens: GridTokens | None = None
         self.to_project = False  # the tower's latest output has not reached the projector yet
-        self.projected: Tensor | None = None  # what the projector made of it
+        self.projected: Tensor | None = None  # what the projector made of it, until a forward takes it
+        self.taken: list[weakref.ref[Tensor]] = []  # the features of it that forwards took, held weakly
         self.runs = 0  # tower runs so far
-        self.expected: Tensor | int | None = None  # this forward's features: encoded ones, or the run count
+        self.expected: int | list[weakref.ref[Tensor]] | None = None  # this forward's: run count, or features
 
     @property
     def events(self) -> list[ReductionEvent]:
@@ -110,14 +114,17 @@ class VisionSite:
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         """The tower encodes new items (in the forward, or before prefill in `generate`): start afresh."""
-        self.tokens, self.projected = None, None
+        self.tokens, self.projected, self.taken = None, None, []
         self.to_project = True
         self.runs += 1
 
     def expect(self, inputs: dict[str, Any]) -> None:
         """A language-model forward begins: its features are encoded ones, or the tower runs inside it."""
         encoded = (inputs.get("mm_encoder_outputs") or {}).get(self.tower.modality)
-        self.expected = self.runs if encoded is None else encoded.pooler_output
+        if encoded is None:
+            self.expected = self.runs
+        else:  # held weakly: the caller's features must not outlive the caller's use of them
+            self.expected = [weakref.ref(part) for part in _tensors(encoded.pooler_output)]
 
     def handoff(self) -> Handoff | None:
         """The selection for the language model, from the tower run whose features this forward uses.
@@ -136,14 +143,25 @@ class VisionSite:
         return Handoff(tokens.groups == everything, tokens.groups, sizes, tokens.proportional)
 
     def _features_are_ours(self) -> bool:
-        """The tower ran during this forward, or its encoded features are views of our projection."""
+        """The tower ran during this forward, or the encoded features are its projection, as the same
+        storage or as a copy cast to another dtype or device (equal values). Once a forward takes the
+        projection, only weak references to what it took remain."""
         if isinstance(self.expected, int):
-            return self.runs > self.expected
-        parts = self.expected if isinstance(self.expected, (list, tuple)) else [self.expected]
-        if self.projected is None or not parts:
-            return False
-        ours = self.projected.untyped_storage().data_ptr()
-        return all(isinstance(p, Tensor) and p.untyped_storage().data_ptr() == ours for p in parts)
+            ours = self.runs > self.expected
+            parts = [] if self.projected is None else [self.projected]
+        else:
+            parts = [ref() for ref in self.expected or []]
+            alive = bool(parts) and all(part is not None for part in parts)
+            ours = alive and (self._shares_storage(parts) or _is_projection(parts, self.projected))
+        if ours and self.projected is not None:
+            self.taken, self.projected = [weakref.ref(part) for part in parts], None
+        return ours
+
+    def _shares_storage(self, parts: list[Tensor]) -> bool:
+        """Every part is a view of the projection, or of features a forward took of it."""
+        owners = [ref() for ref in self.taken] + [self.projected]
+        storages = {owner.untyped_storage().data_ptr() for owner in owners if owner is not None}
+        return all(part.untyped_storage().data_ptr() in storages for part in parts)
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -175,7 +193,7 @@ class VisionSite:
 
     def _bias_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         """Later vision layers attend to merged tokens in proportion to their sizes."""
-        bias = None if self.tokens is None else self.tokens.bias(args[0].dtype)
+        bias = None if self.tokens is None else self.tokens.bias(args[0].dtype, args[0].device)
         if bias is None:
             return None
         if len(args) > 1 and args[1] is not None:
@@ -189,7 +207,7 @@ class VisionSite:
         if not self.to_project or tokens is None or tokens.index is None:
             return None
         features, prefix = args[0], 0 if self.tower.keeps_prefix else self.tower.prefix_tokens
-        slots = tokens.index[:, prefix:] - prefix
+        slots = tokens.index[:, prefix:].to(features.device) - prefix
         if features.shape[1] != slots.shape[1]:
             raise InputError(
                 f"the projector received {features.shape[1]} features, the vision site kept {slots.shape[1]}"
@@ -202,3 +220,20 @@ class VisionSite:
         """Keep the projector's output of this tower's call: generate() passes views of it back."""
         if self.to_project:
             self.projected, self.to_project = output, False
+
+
+def _tensors(encoded: Any) -> list[Tensor]:
+    """The tensors of a `pooler_output`: one [items, tokens, D] tensor, or a list of [tokens, D] per item."""
+    parts = list(encoded) if isinstance(encoded, (list, tuple)) else [encoded]
+    return parts if all(isinstance(part, Tensor) for part in parts) else []
+
+
+def _is_projection(parts: list[Tensor], projection: Tensor | None) -> bool:
+    """Whether `parts` hold exactly the values of `projection` (perhaps cast), in order."""
+    if projection is None:
+        return False
+    width = projection.shape[-1]
+    if any(part.shape[-1] != width for part in parts) or sum(p.numel() for p in parts) != projection.numel():
+        return False
+    features = torch.cat([part.reshape(-1, width) for part in parts])
+    return torch.equal(projection.reshape(-1, width).to(features.device, features.dtype), features)

@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
+import yaml
+from pydantic import ValidationError
 
 import tokenprune as tp
+from tokenprune.errors import describe_errors
+
+# What a command reports in one line and exit status 2: the library's own errors, and a config that
+# does not parse or validate on a path that does not turn it into a ConfigError first.
+USER_ERRORS = (tp.TokenPruneError, yaml.YAMLError, json.JSONDecodeError, ValidationError)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tokenprune.lab.run import load_model, load_run_config, measure, report
+    from tokenprune.lab.run import load_run_config, load_run_model, measure, report
 
     config = load_run_config(args.config)
-    torch.set_num_threads(args.threads) if args.threads else None
-    model = load_model(config)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_run_model(config)
     print(report(model, config, measure(model, config)))
     return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:
+    from tokenprune.lab.grid import parse_shard
     from tokenprune.lab.report import build_report
-    from tokenprune.lab.runner import parse_shard, run_ablation
+    from tokenprune.lab.runner import run_ablation
 
     shard = parse_shard(args.shard) if args.shard else None
     folder = run_ablation(args.config, shard, args.dry_run, args.output, args.threads)
@@ -68,9 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except tp.TokenPruneError as exc:
-        print(f"tokenprune: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"tokenprune: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of a user-facing error on one line (pydantic's field by field, as the library words it)."""
+    message = describe_errors(exc) if isinstance(exc, ValidationError) else str(exc)
+    return " ".join(message.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -50,11 +50,13 @@ class Record(BaseModel):
     @field_validator("id", mode="before")
     @classmethod
     def _id_text(cls, value: Any) -> Any:
+        """Ids of any JSON type, as text."""
         return None if value is None else str(value)
 
     @field_validator("images", "answers", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
+        """A single image or answer as a list of one."""
         return value if isinstance(value, list | tuple) else [value]
 
 
@@ -122,6 +124,11 @@ def saved_dataset_samples(path: Path, split: str, limit: int | None = None) -> l
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"dataset {path}: not a folder saved with save_to_disk ({exc})") from exc
+    except IndexError:  # datasets cannot read back a split of 0 rows
+        raise ConfigError(
+            f"dataset {path} has no samples in a split (a save_to_disk split of 0 rows): "
+            "save the dataset without the empty split"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ConfigError(f"dataset {path} has no split {split!r}; splits: {', '.join(loaded)}")
@@ -139,6 +146,7 @@ def saved_dataset_samples(path: Path, split: str, limit: int | None = None) -> l
 
 
 def _record(data: Any, where: str) -> Record:
+    """A validated record of one line or row; ConfigError naming `where` otherwise."""
     try:
         return Record.model_validate(data)
     except ValidationError as exc:
@@ -157,6 +165,7 @@ def _image(item: Any, folder: Path, where: str) -> Image.Image:
 
 
 def _open_image(path: Path, where: str) -> Image.Image:
+    """The image at `path` as RGB; ConfigError naming `where` when it cannot be read."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")

@@ -26,6 +26,7 @@ from PIL import Image
 
 from tokenprune.errors import ConfigError
 from tokenprune.lab.results import merge_rows, results_files
+from tokenprune.lab.timing import NOISY_SPREAD
 
 SAMPLE_IMAGE = "sample.png"
 SURVIVAL_PANELS = 8  # per strategy figure, the cells shown (by layer, then ratio)
@@ -50,17 +51,25 @@ CSV_FIELDS = (
     "prefill_flops",
     "baseline_prefill_flops",
     "flops_ratio",
+    "tower_flops",
+    "baseline_tower_flops",
     "prefill_s",
     "baseline_prefill_s",
     "prefill_speedup",
+    "prefill_spread",
     "decode_s_per_token",
     "baseline_decode_s_per_token",
     "decode_speedup",
+    "decode_spread",
+    "timing_repeats",
+    "timing_decode_tokens",
+    "timing_flags",
     "kv_cache_bytes",
     "baseline_kv_cache_bytes",
     "peak_memory_bytes",
     "baseline_peak_memory_bytes",
     "overhead_s",
+    "error",
     "key",
 )
 Row = dict[str, Any]
@@ -69,12 +78,13 @@ Row = dict[str, Any]
 def build_report(folders: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
     """Every table and figure from the rows of `folders`, written to `out` (default: the first folder)."""
     folders = [Path(f) for f in folders]
-    rows = merge_rows(results_files(folders))
+    every = merge_rows(results_files(folders))
+    rows = [row for row in every if "error" not in row]  # the measured cells; failed ones are listed
     if not rows:
-        raise ConfigError(f"no results rows in {', '.join(map(str, folders))} (results*.jsonl)")
+        raise ConfigError(f"no measured results rows in {', '.join(map(str, folders))} (results*.jsonl)")
     out = Path(out) if out is not None else folders[0]
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_csv(rows, out / "summary.csv"), write_markdown(rows, out / "summary.md")]
+    written = [write_csv(every, out / "summary.csv"), write_markdown(every, out / "summary.md")]
     written += save(pareto_figure(rows), out / "accuracy-vs-flops")
     written += save(fidelity_figure(rows), out / "fidelity-vs-ratio")
     written += save(speedup_figure(rows), out / "speedup-vs-flops-bound")
@@ -119,27 +129,36 @@ MARKDOWN_COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
     ("same answer", lambda r: _percent(r["continuation_match"])),
     ("prefill GFLOPs", lambda r: f"{r['prefill_flops'] / 1e9:.3g}"),
     ("FLOPs bound", lambda r: f"{1 / r['flops_ratio']:.2f}x"),
+    ("tower GFLOPs", lambda r: "" if r.get("tower_flops") is None else f"{r['tower_flops'] / 1e9:.3g}"),
     ("prefill ms", lambda r: f"{r['prefill_s'] * 1e3:.3g}"),
     ("prefill speed-up", lambda r: f"{r['prefill_speedup']:.2f}x"),
+    ("prefill spread", lambda r: _optional_percent(r.get("prefill_spread"))),
     ("decode ms/token", lambda r: f"{r['decode_s_per_token'] * 1e3:.3g}"),
+    ("decode speed-up", lambda r: _optional_speedup(r.get("decode_speedup"))),
+    ("decode spread", lambda r: _optional_percent(r.get("decode_spread"))),
     ("KV cache KiB/sample", lambda r: f"{r['kv_cache_bytes'] / 1024:.4g}"),
     ("overhead ms", lambda r: "" if r["overhead_s"] is None else f"{r['overhead_s'] * 1e3:.3g}"),
+    ("flag", lambda r: "; ".join(r.get("timing_flags") or [])),
 )
 
 
 def write_markdown(rows: Sequence[Row], path: Path) -> Path:
-    """The summary table (one line per cell) and how it was measured."""
+    """The summary table (one line per measured cell), how it was measured, and the cells that failed."""
+    measured = [row for row in rows if "error" not in row]
     headers = [name for name, _ in MARKDOWN_COLUMNS]
     lines = [
         "| " + " | ".join(headers) + " |",
         "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(headers))) + " |",
     ]
-    lines += ["| " + " | ".join(cell(row) for _, cell in MARKDOWN_COLUMNS) + " |" for row in rows]
-    path.write_text("\n".join([*lines, "", _footnote(rows), ""]))
+    lines += ["| " + " | ".join(cell(row) for _, cell in MARKDOWN_COLUMNS) + " |" for row in measured]
+    failed = [f"- {row['label']}: {row['error']}" for row in rows if "error" in row]
+    failures = ["Failed cells (no measurement):", "", *failed, ""] if failed else []
+    path.write_text("\n".join([*lines, "", _footnote(measured), "", *failures]))
     return path
 
 
 def _footnote(rows: Sequence[Row]) -> str:
+    """Where and how the rows were measured."""
     environment = rows[0].get("environment", {})
     samples = sorted({row["samples"] for row in rows})
     return (
@@ -147,12 +166,37 @@ def _footnote(rows: Sequence[Row]) -> str:
         f"({environment.get('device_name')}, threads={environment.get('threads')}), torch "
         f"{environment.get('torch')}, transformers {environment.get('transformers')}, tokenprune "
         f"{environment.get('tokenprune')}. FLOPs: decoder prefill per sample (multiply-accumulate = 2). "
-        "Times: medians on the first batch after warm-up, each cell interleaved with a fresh baseline "
-        "measurement; speed-ups are against that baseline."
+        + _timing_method(rows[0])
     )
 
 
+def _timing_method(row: Row) -> str:
+    """How the times of the rows were taken (rows written before paired timing say so)."""
+    if "timing_repeats" not in row:
+        return (
+            "Times: medians on the first batch after warm-up, each cell interleaved with a fresh baseline "
+            "measurement; speed-ups are against that baseline (no spread: measured before paired timing)."
+        )
+    return (
+        f"Times: on the timing batch, each cell against the baseline in {row['timing_repeats']} paired, "
+        "order-alternating rounds after warm-up; a speed-up is the median of the per-round ratios, its "
+        f"spread their interquartile range over the median (flagged above {NOISY_SPREAD:.0%}); decode "
+        f"over {row['timing_decode_tokens']} new tokens. The baseline row is the baseline against itself."
+    )
+
+
+def _optional_percent(value: float | None) -> str:
+    """A percentage, or blank for a row that has none."""
+    return "" if value is None else _percent(value)
+
+
+def _optional_speedup(value: float | None) -> str:
+    """A speed-up as `1.23x`, or blank for a row that has none."""
+    return "" if value is None else f"{value:.2f}x"
+
+
 def _percent(value: float) -> str:
+    """A fraction as a percentage with one decimal."""
     return f"{100 * value:.1f}%"
 
 
@@ -197,6 +241,7 @@ def removed(row: Row) -> float:
 
 
 def _mean_row(rows: list[Row]) -> Row:
+    """One row of several (seeds of one cell): its numeric fields averaged where every row has them."""
     numeric = {k for k, v in rows[0].items() if isinstance(v, int | float) and not isinstance(v, bool)}
     mean = {
         k: statistics.mean(r[k] for r in rows) for k in numeric if all(r.get(k) is not None for r in rows)
@@ -205,6 +250,7 @@ def _mean_row(rows: list[Row]) -> Row:
 
 
 def _baseline(rows: Sequence[Row]) -> Row | None:
+    """The unreduced row, if the rows hold one."""
     return next((row for row in rows if row["strategy"] == "baseline"), None)
 
 
@@ -367,6 +413,7 @@ def group_borders(state: np.ndarray) -> list[tuple[tuple[int, int], tuple[int, i
 
 
 def _sample_image(folders: Sequence[Path]) -> Image.Image | None:
+    """The sample image the runner saved in the first folder that has one."""
     for folder in folders:
         path = folder / SAMPLE_IMAGE
         if path.exists():

@@ -5,7 +5,8 @@ never write one file). Each line is written by a single `write` on a file opened
 then flushed to disk: a line is either whole or a torn tail. Reading drops any line that is not
 a JSON object with a `key` (with a warning, never an error); before its first append, a writer
 cuts its own file back to its last whole line. Rows of every results file of one or
-more folders merge by `key` (the hash of the cell config), the latest line winning.
+more folders merge by `key` (the hash of the cell config), the latest line winning. A cell that
+raised has a row with its `error` and no measurements.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
+    """A results row from one line, or None when it is not a JSON object with a `key`."""
     try:
         row = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -78,8 +80,11 @@ class ResultStore:
         self._mended = False
 
     def finished(self) -> set[str]:
-        """Keys of the cells finished by any run or shard whose results are in this folder."""
-        return {row["key"] for row in merge_rows(results_files([self.folder]))}
+        """Keys of the cells measured by any run or shard whose results are in this folder.
+
+        A cell whose latest row records an `error` is not finished: a rerun tries it again.
+        """
+        return {row["key"] for row in merge_rows(results_files([self.folder])) if "error" not in row}
 
     def append(self, row: dict[str, Any]) -> None:
         """Add one row as one line: one `write` in append mode, then `fsync`."""

@@ -1,46 +1,26 @@
 """`tokenprune run CONFIG`: one reduction on one model, measured against the unreduced model.
 
 Prints the tokens kept, the language model's prefill FLOPs from its own shapes, and prefill and
-decode times with and without the reduction, measured interleaved in one process (medians after
-a warm-up), so the ratios hold on a busy machine.
+decode times with and without the reduction: paired, order-alternating repeats in one process
+(`tokenprune.lab.speed.paired_generation`, the ablation's method), so the ratios hold on a busy
+machine, with their spread and a flag when the pairs disagree.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 import tokenprune as tp
+from tokenprune.config import read_mapping
 from tokenprune.errors import ConfigError, describe_errors
 from tokenprune.flops import trace_flops
-from tokenprune.testing.models import ToySize, toy_llava
-
-BUILTIN_MODELS: dict[str, Callable[[str], nn.Module]] = {
-    "builtin:tiny-llava": lambda attn: toy_llava(
-        ToySize(
-            hidden=256,
-            layers=8,
-            heads=8,
-            kv_heads=4,
-            intermediate=704,
-            grid=24,
-            patch=14,
-            vocab=1000,
-            vision_hidden=64,
-            vision_layers=2,
-        ),
-        attn_implementation=attn,
-    ),
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from tokenprune.lab.loading import DType, load_model
+from tokenprune.lab.speed import PairedSpeed, flags, paired_generation
 
 
 class RunConfig(BaseModel):
@@ -48,42 +28,40 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("builtin:tiny-llava", description="a builtin name or a local LLaVA checkpoint folder")
+    model: str = Field(
+        "builtin:tiny-llava",
+        description="a builtin name (tokenprune.lab.loading) or a local LLaVA checkpoint",
+    )
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     device: str = "cpu"
     reduction: tp.ReductionConfig
     text_tokens: int = Field(40, ge=1, description="prompt tokens around the images")
     images: int = Field(1, ge=0, description="images per sample")
     batch_size: int = Field(1, ge=1)
-    max_new_tokens: int = Field(16, ge=2)
-    repeats: int = Field(5, ge=1)
+    max_new_tokens: int = Field(32, ge=2, description="tokens generated; decode is timed over them")
+    repeats: int = Field(5, ge=1, description="paired rounds (after one warm-up round)")
     seed: int = 0
 
 
 def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config; errors name the file and the field."""
     path = Path(path)
     try:
-        return RunConfig.model_validate(yaml.safe_load(path.read_text()))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
+        return RunConfig.model_validate(read_mapping(path))
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_errors(exc)}") from exc
 
 
-def load_model(config: RunConfig) -> nn.Module:
-    """A builtin model (seeded random weights) or a local checkpoint through `from_pretrained`."""
-    if config.model.startswith("builtin:"):
-        if config.model not in BUILTIN_MODELS:
-            raise ConfigError(f"unknown builtin model {config.model!r}; known: {', '.join(BUILTIN_MODELS)}")
-        model = BUILTIN_MODELS[config.model](config.attn_implementation)
-    else:
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(
-            config.model, attn_implementation=config.attn_implementation
-        )
-    return model.to(config.device, DTYPES[config.dtype]).eval()
+def load_run_model(config: RunConfig) -> nn.Module:
+    """The config's model through the lab's one loader (`tokenprune.lab.loading.load_model`)."""
+    return load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        attn_implementation=config.attn_implementation,
+        processor=False,
+    ).model
 
 
 def synthetic_inputs(model: nn.Module, config: RunConfig) -> dict[str, torch.Tensor]:
@@ -108,43 +86,14 @@ def synthetic_inputs(model: nn.Module, config: RunConfig) -> dict[str, torch.Ten
     return {k: v.to(config.device) for k, v in inputs.items()}
 
 
-def _timed(fn: Callable[[], object], device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
-def measure(model: nn.Module, config: RunConfig) -> dict[str, object]:
-    """Interleaved medians of prefill and decode time, unreduced vs reduced, plus tokens and FLOPs."""
+def measure(model: nn.Module, config: RunConfig) -> dict[str, Any]:
+    """Tokens, FLOPs and paired prefill and decode ratios, reduced vs unreduced, on synthetic inputs."""
     inputs = synthetic_inputs(model, config)
-    generate = {
-        "max_new_tokens": config.max_new_tokens,
-        "min_new_tokens": config.max_new_tokens,
-        "do_sample": False,
-    }
-    samples: dict[str, list[float]] = {
-        k: [] for k in ("prefill", "prefill_reduced", "generate", "generate_reduced")
-    }
-    trace = []
-    for repeat in range(config.repeats + 1):  # the first round warms up and is not counted
-        for reduced in (False, True):
-            handle = tp.attach(model, config.reduction) if reduced else None
-            suffix = "_reduced" if reduced else ""
-            prefill = _timed(lambda: model(**inputs, use_cache=True), config.device)
-            total = _timed(lambda: model.generate(**inputs, **generate), config.device)
-            if handle is not None:
-                trace = handle.trace
-                handle.detach()
-            if repeat:
-                samples["prefill" + suffix].append(prefill)
-                samples["generate" + suffix].append(total)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    steps = config.max_new_tokens - 1
+    with tp.attach(model, config.reduction) as handle:  # one untimed forward for the trace
+        model(**inputs)
+        trace = handle.trace
+    speed = paired_generation(model, inputs, config.reduction, config.max_new_tokens, config.repeats)
     text_config = model.config.text_config
     n_tokens = inputs["input_ids"].shape[1]
     return {
@@ -154,43 +103,49 @@ def measure(model: nn.Module, config: RunConfig) -> dict[str, object]:
             sum(trace_flops(text_config, [], [n_tokens] * config.batch_size)),
             sum(trace_flops(text_config, trace, n_tokens)),
         ),
-        "prefill": (med["prefill"], med["prefill_reduced"]),
-        "decode": (
-            (med["generate"] - med["prefill"]) / steps,
-            (med["generate_reduced"] - med["prefill_reduced"]) / steps,
-        ),
+        "speed": speed,
+        "flags": flags(speed, config.max_new_tokens),
     }
 
 
-def report(model: nn.Module, config: RunConfig, result: dict[str, object]) -> str:
-    """The table `tokenprune run` prints."""
+def report(model: nn.Module, config: RunConfig, result: dict[str, Any]) -> str:
+    """The table `tokenprune run` prints: time ratios are medians of per-pair ratios, with their spread."""
     text = model.config.text_config
-    trace = result["trace"]
     flops_full, flops_reduced = result["flops"]
-    (p0, p1), (d0, d1) = result["prefill"], result["decode"]
+    speed: PairedSpeed = result["speed"]
     stages = [stage.model_dump(exclude_none=True) for stage in config.reduction.stages]
     lines = [
         f"model      {config.model}: {type(model).__name__}, {text.num_hidden_layers} layers, hidden "
         f"{text.hidden_size}, {config.device} {config.dtype}, {config.attn_implementation}",
         f"reduction  {config.reduction.strategy} {stages} params={config.reduction.params}",
     ]
-    for event in trace:
+    for event in result["trace"]:
         lines.append(
             f"layer {event.layer:<4} tokens {event.tokens_before[0]} -> {event.tokens_after[0]} per sample "
             f"(visual {event.visual_before[0]} -> {event.visual_after[0]})"
         )
+    prefill, decode = speed.prefill, speed.decode
     lines += [
         "",
-        f"{'':24}{'unreduced':>12}{'reduced':>12}{'ratio':>9}",
-        _row("prefill FLOPs (G)", flops_full / 1e9, flops_reduced / 1e9, "{:.2f}"),
-        _row("prefill time (ms)", p0 * 1e3, p1 * 1e3, "{:.1f}"),
-        _row("decode time (ms/token)", d0 * 1e3, d1 * 1e3, "{:.2f}"),
+        f"{'':24}{'unreduced':>12}{'reduced':>12}{'ratio':>9}{'spread':>9}",
+        _row(
+            "prefill FLOPs (G)", flops_full / 1e9, flops_reduced / 1e9, flops_reduced / flops_full, "{:.2f}"
+        ),
+        _row("prefill time (ms)", prefill.baseline_s * 1e3, prefill.variant_s * 1e3, prefill.ratio, "{:.1f}")
+        + f"{prefill.spread:>9.1%}",
+        _row(
+            "decode time (ms/token)", decode.baseline_s * 1e3, decode.variant_s * 1e3, decode.ratio, "{:.2f}"
+        )
+        + f"{decode.spread:>9.1%}",
         "",
-        f"FLOPs bound speed-up {flops_full / flops_reduced:.2f}x, measured prefill speed-up {p0 / p1:.2f}x "
-        f"(medians of {config.repeats}, interleaved, after one warm-up round)",
+        f"FLOPs bound speed-up {flops_full / flops_reduced:.2f}x, measured prefill speed-up "
+        f"{prefill.speedup:.2f}x (median of {prefill.repeats} paired, order-alternating rounds after one "
+        f"warm-up round; decode over {config.max_new_tokens} new tokens)",
+        *(f"flag: {flag}" for flag in result["flags"]),
     ]
     return "\n".join(lines)
 
 
-def _row(name: str, full: float, reduced: float, fmt: str) -> str:
-    return f"{name:<24}{fmt.format(full):>12}{fmt.format(reduced):>12}{reduced / full:>9.2f}"
+def _row(name: str, full: float, reduced: float, ratio: float, fmt: str) -> str:
+    """One line of the table: the unreduced and reduced values and their ratio."""
+    return f"{name:<24}{fmt.format(full):>12}{fmt.format(reduced):>12}{ratio:>9.2f}"

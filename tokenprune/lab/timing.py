@@ -4,17 +4,25 @@ A time alone means little on a shared machine; a ratio of two times taken side b
 repeat measures the baseline and the variant back to back, alternating which goes first (so a
 drift or a warm cache favours neither), and yields one ratio; the report is the median of those
 ratios with their interquartile range. A spread (IQR / median) above `NOISY_SPREAD` flags the row.
-`torch.utils.benchmark` does the clock work of one measurement (warm-up, threads, CUDA syncs).
+`torch.utils.benchmark` does the clock work of one measurement of a plain call (warm-up, threads,
+CUDA syncs); `time_generation` times one `generate` call step by step (prefill, then decode per
+token), so that decode is measured directly and never as a difference of two noisy totals.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 from torch.utils import benchmark
+from transformers import LogitsProcessor, LogitsProcessorList
+
+T = TypeVar("T")
 
 NOISY_SPREAD = 0.10  # a paired ratio whose IQR exceeds 10% of its median is flagged, not trusted
 
@@ -63,19 +71,29 @@ def paired_ratio(
     and the variant first in odd ones. Callables that time a plain call can use `seconds`; those
     that must set something up around the timed part (attach, prefill a cache) time it themselves.
     """
+    return summarize(*alternate(baseline, variant, repeats, warmup))
+
+
+def alternate(
+    baseline: Callable[[], T], variant: Callable[[], T], repeats: int, warmup: int = 1
+) -> tuple[list[T], list[T]]:
+    """The results of `repeats` paired calls (after `warmup` unrecorded pairs), baseline first in even ones.
+
+    The pairing under `paired_ratio`, for measurements that give more than one number per call.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     for _ in range(warmup):
         baseline(), variant()
-    base_times, variant_times = [], []
+    base_results, variant_results = [], []
     for repeat in range(repeats):
         if repeat % 2 == 0:
             base, var = baseline(), variant()
         else:
             var, base = variant(), baseline()
-        base_times.append(base)
-        variant_times.append(var)
-    return summarize(base_times, variant_times)
+        base_results.append(base)
+        variant_results.append(var)
+    return base_results, variant_results
 
 
 def summarize(baseline_times: list[float], variant_times: list[float]) -> PairedRatio:
@@ -98,3 +116,57 @@ def _iqr(values: list[float]) -> float:
         return 0.0
     low, _, high = statistics.quantiles(values, n=4, method="inclusive")
     return high - low
+
+
+@dataclass(frozen=True)
+class GenerationTimes:
+    """One greedy generation, timed step by step."""
+
+    prefill_s: float  # from the call to the first token's logits (vision tower and prefill)
+    decode_s_per_token: float  # from the first token's logits to the last's, per decode step
+    steps: int  # tokens generated
+
+
+class _StepClock(LogitsProcessor):
+    """Reads the clock each time `generate` has a step's logits (after synchronising the device)."""
+
+    def __init__(self, synchronize: Callable[[], None]) -> None:
+        self.synchronize = synchronize
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        self.synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def time_generation(
+    model: nn.Module, inputs: dict[str, Any], new_tokens: int, synchronize: Callable[[], None]
+) -> GenerationTimes:
+    """Greedy `generate` of exactly `new_tokens` tokens: prefill seconds and decode seconds per token.
+
+    The clock is read at every step's logits, so decode is the time between the first and the last
+    step, divided by the steps between them: no subtraction of a separately timed prefill.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"timing decode needs at least 2 new tokens, got {new_tokens}")
+    clock = _StepClock(synchronize)
+    synchronize()
+    start = time.perf_counter()
+    model.generate(
+        **inputs,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([clock]),
+    )
+    stamps = clock.stamps
+    decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+    return GenerationTimes(stamps[0] - start, decode, len(stamps))
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for a device's queued work before a clock reading: `cuda.synchronize`, or nothing."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None

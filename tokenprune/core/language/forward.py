@@ -1,0 +1,47 @@
+"""The state of one forward of the entry module: what the layer hooks share while the model runs.
+
+A `Pass` lives from the entry pre-hook to the entry's exit hook and is dropped there, with every
+tensor it holds (captured attention inputs, the full-length restore buffer, the shortened layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from tokenprune.contracts.layout import VisualLayout
+from tokenprune.core.selection import ReductionEvent
+
+
+@dataclass
+class Shortened:
+    """The sequence as the layers from one stage on see it during one forward."""
+
+    index: Tensor | None  # [B, L] original positions, -1 for filler (None on a cached continuation)
+    overrides: dict[str, Any]  # layer keyword inputs replaced: mask, rotary tables, position ids
+    sizes: Tensor | None = None  # [B, L] original tokens per token once something merged
+
+
+@dataclass
+class Pass:
+    """State of one forward of the entry module."""
+
+    layout: VisualLayout | None  # None: no visual tokens (decode steps, text-only prompts)
+    padding_mask: Tensor | None  # the caller's 2-D attention mask, if any
+    mode: str | None = None  # "prefill" (reduce), "cached" (continue on a reduced cache) or "off"
+    current: Shortened | None = None
+    cache: Any = None
+    probe_inputs: dict[int, Any] = field(default_factory=dict)
+    restore: Tensor | None = None
+    groups: Tensor | None = None  # [B, N] source map (see ReductionEvent.groups)
+    vision_slots: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per vision site: (item, token)
+    vision_events: list[ReductionEvent] = field(default_factory=list)  # of the towers handed off
+    proportional: bool = False  # a merge asked for proportional attention
+    events: list[ReductionEvent] = field(default_factory=list)
+
+
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward received, under either of its keyword names."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))

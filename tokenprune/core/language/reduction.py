@@ -1,0 +1,217 @@
+"""The reduction step at a language-model site: pick tokens, gather what the later layers need.
+
+At the site the Reducer picks tokens on a `TokenView`; the step gathers hidden states, rotary
+tables and position ids by original position, builds the mask of the shortened sequence, and
+records the event and the cache's key slots. Every tensor it creates or indexes with follows the
+device of the hidden states the site meets (under a device map they may differ from the inputs').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokenprune.config import ReductionConfig, Stage
+from tokenprune.contracts.adapter import Adapter
+from tokenprune.contracts.layout import VisualLayout
+from tokenprune.contracts.reducer import Reducer, TokenView, group_counts
+from tokenprune.core.language.forward import Pass, Shortened
+from tokenprune.core.language.ledger import CacheLedger
+from tokenprune.core.language.signals import site_signals
+from tokenprune.core.masks import build_causal_mask
+from tokenprune.core.merging import follow_groups, initial_groups, key_bias, merge_tokens
+from tokenprune.core.selection import check_selection, reduction_event, selection_parts
+from tokenprune.core.vision_site import VisionSite
+from tokenprune.errors import InputError
+from tokenprune.indexing import compose, gather_tokens, left_aligned_index, scatter_tokens
+
+# The layer-0 site that applies `site: vision` stages to the language model's input.
+HANDOFF = Stage(layer=0, ratio=0.0)
+
+
+class ReductionStep:
+    """Reduces the sequence entering a site's layer, for one attachment."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        config: ReductionConfig,
+        reducer: Reducer,
+        visions: list[VisionSite],
+        ledger: CacheLedger,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.reducer = reducer
+        self.visions = visions
+        self.ledger = ledger
+
+    def reduce(self, state: Pass, stage: Stage, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """The hidden states [B, L', D] the layers from `stage` on see; `state.current` describes them."""
+        batch, length = hidden.shape[:2]
+        device = hidden.device
+        if state.current is None:
+            if state.layout is None:
+                state.layout = VisualLayout.from_segments(batch, length, [], device)
+            index = torch.arange(length, device=device).expand(batch, length)
+            valid = _padding_valid(state.padding_mask, batch, length, device)
+            state.restore = torch.cat([hidden, hidden.new_zeros(batch, 1, hidden.shape[-1])], dim=1)
+            index, sizes = index.masked_fill(~valid, -1), None
+            state.groups = initial_groups(valid)
+        else:
+            index, sizes = state.current.index.to(device), state.current.sizes
+            sizes = None if sizes is None else sizes.to(device)
+            valid = index >= 0
+            state.restore = scatter_tokens(state.restore.to(device), index, hidden)
+            state.groups = state.groups.to(device)
+        state.layout = _layout_on(state.layout, device)
+        view = self._view(state, stage, hidden, index, valid, sizes)
+        if stage is HANDOFF:
+            keep, into, sizes = self._handoff(state, view)
+        else:
+            keep, merge = selection_parts(self.reducer.select(view))
+            check_selection(type(self.reducer).__name__, keep, view, merge)
+            into = None if merge is None else merge.into
+            if merge is not None:
+                hidden, sizes = merge_tokens(hidden, view.token_sizes(), merge)
+                state.proportional = merge.proportional_attention
+        survive = (valid & ~view.candidates) | keep
+        inner = left_aligned_index(survive)
+        kept = compose(index, inner)
+        state.groups = follow_groups(state.groups, index, survive, into)
+        sizes = None if sizes is None else gather_tokens(sizes, inner, 1).masked_fill(kept < 0, 1.0)
+        bias = key_bias(sizes) if state.proportional else None
+        state.current = Shortened(kept, self._overrides(kept, kwargs, hidden.dtype, bias), sizes)
+        state.events.append(
+            reduction_event(stage.layer, view, kept, state.layout.visual, state.groups, sizes)
+        )
+        self.ledger.remember(state.cache, stage.layer, kept, state.restore.shape[1] - 1, bias)
+        return gather_tokens(hidden, inner, 1)
+
+    def _handoff(self, state: Pass, view: TokenView) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(keep, into, sizes) at layer 0 from the vision towers' reductions of this forward's items.
+
+        Layer 0 sees the input sequence, so slots are original positions; the merged features already
+        sit at their destination's slot, so nothing is averaged again here.
+        """
+        device = view.positions.device
+        keep, into, sizes = view.candidates, torch.full_like(view.positions, -1), None
+        for site, slots in zip(self.visions, state.vision_slots, strict=False):  # none: no media
+            item, token = (t.to(device) for t in slots)
+            placed = (item >= 0) & view.valid
+            if not bool(placed.any()):
+                continue
+            handoff = site.handoff()
+            if handoff is None or int(item.max()) >= handoff.survive.shape[0]:
+                raise InputError(
+                    "`site: vision` stages need the features the vision tower encoded while attached, "
+                    "one set per sample: pass pixel values (not features encoded before attaching), and "
+                    "no beam search or num_return_sequences > 1, which repeat the encoded features"
+                )
+            state.vision_events += site.events
+            selection = handoff.select(item, token, placed, view.candidates, view.positions)
+            keep = torch.where(placed, selection[0], keep)
+            into = torch.where(placed, selection[1], into)
+            if selection[2] is not None:
+                sizes = torch.where(placed, selection[2], 1.0 if sizes is None else sizes)
+                state.proportional = state.proportional or handoff.proportional
+        return keep, into, sizes
+
+    def _view(
+        self, state: Pass, stage: Stage, hidden: Tensor, index: Tensor, valid: Tensor, sizes: Tensor | None
+    ) -> TokenView:
+        """What the reducer sees of the sequence entering the site (layout gathered by `index`)."""
+        layout = state.layout
+        last_real = torch.zeros_like(valid).scatter_(1, _last_true(valid)[:, None], True)
+        candidates = gather_tokens(layout.visual, index, 1) & valid & ~last_real
+        segment = gather_tokens(layout.segment, index, 1).masked_fill(~candidates, -1)
+        frame = gather_tokens(layout.frame, index, 1)
+        protected = gather_tokens(layout.visual, index, 1) & valid & ~candidates  # a visual last token
+        frame, protected_frame = frame.masked_fill(~candidates, -1), frame.masked_fill(~protected, -1)
+        budgets = self._budgets(state, stage, (candidates, frame), (protected, protected_frame))
+        return TokenView(
+            hidden=hidden,
+            candidates=candidates,
+            valid=valid,
+            segment=segment,
+            coords=gather_tokens(layout.coords, index, 1),
+            extent=gather_tokens(layout.extent, index, 1),
+            positions=index,
+            budget=budgets.sum(dim=1),
+            layer=stage.layer,
+            signals=site_signals(self.adapter, state, stage.layer, valid),
+            frame=frame,
+            frame_budget=budgets if self.config.budget == "per_frame" else None,
+            sizes=sizes,
+        )
+
+    def _budgets(
+        self, state: Pass, stage: Stage, candidates: tuple[Tensor, Tensor], protected: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """[B, G] candidates to keep: one budget per sample (G = 1) or one per frame.
+
+        Counted from the group's original visual tokens (a schedule's ratios all refer to the input),
+        less the visual tokens kept anyway (a visual last token), capped by the candidates present.
+        Each of `candidates` and `protected` is (mask [B, L], frame [B, L]).
+        """
+        layout = state.layout
+        device = candidates[0].device
+        original = layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, device)
+        per_frame = self.config.budget == "per_frame"
+        n_groups = max(layout.frames, 1) if per_frame else 1
+
+        def counts(mask: Tensor, frame: Tensor) -> Tensor:
+            return group_counts(mask, frame if per_frame else torch.zeros_like(frame), n_groups)
+
+        then, fixed, now = counts(original, layout.frame), counts(*protected), counts(*candidates)
+        rows = torch.stack([then, fixed, now]).tolist()  # one host sync per stage
+        budgets = [
+            [min(max(stage.kept_count(n) - f, 0), c) for n, f, c in zip(*sample, strict=True)]
+            for sample in zip(*rows, strict=True)
+        ]
+        return torch.tensor(budgets, dtype=torch.long, device=device)
+
+    def _overrides(
+        self, kept: Tensor, kwargs: dict[str, Any], dtype: torch.dtype, bias: Tensor | None
+    ) -> dict[str, Any]:
+        """Layer inputs for the shortened sequence: tokens keep their original rotary positions.
+
+        A merged token keeps the position of the token it was merged into (the survivor's own).
+        Tables are gathered where the model keeps them; the mask is built beside `kept`.
+        """
+        config = self.adapter.text_config()
+        overrides: dict[str, Any] = {
+            "attention_mask": build_causal_mask(config, kept >= 0, kept.shape[1], dtype, key_bias=bias)
+        }
+        rotary = kwargs.get("position_embeddings")
+        if rotary is not None:
+            overrides["position_embeddings"] = tuple(gather_tokens(t, kept.to(t.device), -2) for t in rotary)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            overrides["position_ids"] = gather_tokens(positions, kept.to(positions.device), -1)
+        return overrides
+
+
+def _padding_valid(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """[B, length] bool: the real tokens of the last `length` slots of the caller's padding mask."""
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    return mask[:, -length:].to(device=device, dtype=torch.bool)
+
+
+def _last_true(mask: Tensor) -> Tensor:
+    """[B] index of the last True entry of each row of `mask` [B, L]."""
+    return mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
+
+
+def _layout_on(layout: VisualLayout, device: torch.device) -> VisualLayout:
+    """The layout with its tensors on `device` (itself when they are there already)."""
+    if layout.visual.device == device:
+        return layout
+    moved = {
+        f.name: getattr(layout, f.name).to(device) for f in dataclasses.fields(layout) if f.name != "frames"
+    }
+    return dataclasses.replace(layout, **moved)
