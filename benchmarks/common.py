@@ -27,7 +27,8 @@ import tokenprune as tp
 from tokenprune.flops import model_flops
 from tokenprune.indexing import gather_tokens
 from tokenprune.lab.loading import DTYPES
-from tokenprune.lab.timing import NOISY_SPREAD, PairedRatio, paired_ratio
+from tokenprune.lab.timing import NOISY_SPREAD, PairedRatio, paired_ratio, synchronizer
+from tokenprune.lab.timing import elapsed as clocked
 from tokenprune.testing.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, ToySize, toy_llava
 
 SMOKE_HELP = (
@@ -85,7 +86,8 @@ def elapsed(
     setup: Callable[[], object] | None = None,
     teardown: Callable[[], object] | None = None,
 ) -> float:
-    """Seconds of one `run()` under inference mode; `setup` and `teardown` run outside the clock.
+    """Seconds of one `run()` under inference mode (the lab's clock, CUDA synchronised); `setup` and
+    `teardown` run outside the clock.
 
     One call, no hidden warm-up calls (`paired_ratio` warms up): a LLaVA-shaped batch-8 prefill
     takes seconds, and every extra call of it multiplies the benchmark's wall time.
@@ -94,9 +96,7 @@ def elapsed(
         setup()
     try:
         with torch.inference_mode():
-            start = time.perf_counter()
-            run()
-            return time.perf_counter() - start
+            return clocked(run, synchronizer())
     finally:
         if teardown is not None:
             teardown()

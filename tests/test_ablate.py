@@ -6,6 +6,7 @@ through `from_pretrained`; the dataset is a JSONL file with PNG images written b
 
 from __future__ import annotations
 
+import csv
 import json
 import multiprocessing
 import os
@@ -723,17 +724,16 @@ def test_a_failing_cell_is_recorded_with_its_error_and_the_others_run(
     config = write_config(tmp_path / "failing.yaml", checkpoint, dataset, grid=grid)
     assert main(["ablate", str(config), "--no-report"]) == 2
     err = capsys.readouterr().err
-    assert "cell 1 (broken K=1 R=0.5) failed: StrategyError: Broken.select kept" in err
+    broken = "StrategyError: strategy 'broken' (broken_strategy.<locals>.Broken): select kept"
+    assert f"cell 1 (broken K=1 R=0.5) failed: {broken}" in err
     assert "1 cell(s) failed, recorded with their error" in err and err.rstrip().endswith("broken K=1 R=0.5")
     folder = tmp_path / "runs" / "failing"
     rows = read_rows(folder / "results.jsonl")
     assert [row["label"] for row in rows] == ["baseline", "broken K=1 R=0.5", "uniform K=1 R=0.5"]
-    assert (
-        rows[1]["error"].startswith("StrategyError: Broken.select kept") and "accuracy_exact" not in rows[1]
-    )
+    assert rows[1]["error"].startswith(broken) and "accuracy_exact" not in rows[1]
     build_report([folder])  # the measured cells make the tables; the failed one is listed under them
     summary = (folder / "summary.md").read_text()
-    assert summary.count("\n| ") == 3 and "- broken K=1 R=0.5: StrategyError: Broken.select kept" in summary
+    assert summary.count("\n| ") == 3 and f"- broken K=1 R=0.5: {broken}" in summary
 
 
 @pytest.fixture
@@ -819,6 +819,30 @@ class _Clock:
     def __call__(self) -> float:
         self.now += next(self.steps)
         return self.now
+
+
+def test_a_plain_call_is_timed_with_the_device_synchronised_around_it(monkeypatch):
+    """`elapsed`: the device's queued work is waited for before each clock reading."""
+    from tokenprune.lab import timing
+
+    events: list[str] = []
+    clock = _Clock([10.0, 0.25])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: events.append("clock") or clock())
+    seconds = timing.elapsed(lambda: events.append("run"), lambda: events.append("sync"))
+    assert seconds == pytest.approx(0.25, abs=1e-12)
+    assert events == ["sync", "clock", "run", "sync", "clock"]
+
+
+def test_the_benchmarks_clock_synchronises_cuda(monkeypatch):
+    """benchmarks/common.py times with the lab's clock: on a CUDA machine it waits for the device."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import common
+
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    assert common.elapsed(lambda: events.append("run")) >= 0.0
+    assert events == ["sync", "run", "sync"]
 
 
 def test_generation_is_timed_step_by_step(monkeypatch):
@@ -1009,3 +1033,87 @@ def test_the_default_ablation_runs_end_to_end_on_a_tiny_limit(tmp_path):
     assert len(rows) == 1 + 4 * 6 and not any("error" in row for row in rows)
     assert all(row["timing_decode_tokens"] == 32 and row["timing_flags"] == [] for row in rows)
     assert (tmp_path / "ablation-default" / "summary.md").read_text().count("\n| ") == 1 + 1 + 4 * 6
+
+
+# -- re-measuring, reports of partial and mixed rows --------------------------------------------------
+
+
+def _dry_run_summary(config: Path, capsys) -> str:
+    """The first line of `ablate --dry-run`: `N cells (M finished)`."""
+    assert main(["ablate", str(config), "--dry-run"]) == 0
+    return capsys.readouterr().out.splitlines()[0]
+
+
+def test_rows_timed_otherwise_are_measured_again_and_replaced(tmp_path, checkpoint, dataset, capsys):
+    grid = {"strategies": ["uniform"], "layers": [1], "ratios": [0.5]}
+    config = write_config(
+        tmp_path / "retime.yaml", checkpoint, dataset, grid=grid, dataset={"source": str(dataset), "limit": 2}
+    )
+    assert main(["ablate", str(config), "--no-report"]) == 0
+    assert _dry_run_summary(config, capsys) == "2 cells (2 finished)"
+    results = tmp_path / "runs" / "retime" / "results.jsonl"
+    rows = read_rows(results)
+    old = [{k: v for k, v in row.items() if not k.startswith("timing")} for row in rows]
+    results.write_text("".join(json.dumps(row) + "\n" for row in old))  # rows of the unpaired method
+    assert _dry_run_summary(config, capsys) == "2 cells (0 finished)"
+    results.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**settings, "timing": {**settings.get("timing", {}), "repeats": 2}}))
+    assert _dry_run_summary(config, capsys) == "2 cells (0 finished)"  # other timing settings
+    assert main(["ablate", str(config), "--no-report"]) == 0
+    merged = merge_rows([results])
+    assert [row["key"] for row in merged] == [row["key"] for row in rows]  # replaced, not duplicated
+    assert [row["timing_repeats"] for row in merged] == [2, 2]
+
+
+def test_the_report_says_when_rows_were_timed_by_different_methods(finished_run, tmp_path):
+    rows = read_rows(finished_run / "results.jsonl")
+    rows[2] = {k: v for k, v in rows[2].items() if not k.startswith("timing")}  # an unpaired row
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    build_report([tmp_path])
+    footnote = (tmp_path / "summary.md").read_text()
+    assert "mixed timing methods" in footnote
+    assert "1 cell: medians on the first batch" in footnote and "3 cells: on the timing batch" in footnote
+
+
+def test_speedups_that_are_not_finite_leave_blanks_not_a_crash(finished_run, tmp_path):
+    rows = read_rows(finished_run / "results.jsonl")
+    rows[1] = {**rows[1], "prefill_speedup": None, "decode_speedup": None}  # as runner writes inf/NaN
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    build_report([tmp_path])
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    headers = [c.strip() for c in table[0].split("|")[1:-1]]
+    line = next(text for text in table if text.startswith(f"| {rows[1]['label']} |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[headers.index("prefill speed-up")] == "" and cells[headers.index("decode speed-up")] == ""
+
+
+def test_timing_flags_are_plain_text_in_the_csv(finished_run, tmp_path):
+    rows = read_rows(finished_run / "results.jsonl")
+    rows[1] = {**rows[1], "timing_flags": ["prefill: spread 12% > 10%", "decode: spread 30% > 10%"]}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    build_report([tmp_path])
+    with (tmp_path / "summary.csv").open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert table[1]["timing_flags"] == "prefill: spread 12% > 10%; decode: spread 30% > 10%"
+    assert table[0]["timing_flags"] == ""
+
+
+def test_a_failed_cell_still_gets_the_report_then_exit_status_2(
+    tmp_path, checkpoint, dataset, broken_strategy, capsys
+):
+    grid = {"strategies": [broken_strategy, "uniform"], "layers": [1], "ratios": [0.5]}
+    config = write_config(
+        tmp_path / "partial.yaml",
+        checkpoint,
+        dataset,
+        grid=grid,
+        dataset={"source": str(dataset), "limit": 2},
+    )
+    assert main(["ablate", str(config)]) == 2
+    err = capsys.readouterr().err.rstrip().splitlines()
+    assert err[-1].startswith("tokenprune: error: 1 cell(s) failed") and err[-1].endswith("broken K=1 R=0.5")
+    folder = tmp_path / "runs" / "partial"
+    summary = (folder / "summary.md").read_text()
+    assert summary.count("\n| ") == 3 and "- broken K=1 R=0.5: StrategyError" in summary  # rule + 2 rows
+    assert (folder / "speedup-vs-flops-bound.png").exists()

@@ -59,3 +59,12 @@ def test_console_script_lists_names():
         [sys.executable, "-m", "tokenprune.lab.cli", "strategies"], capture_output=True, text=True, check=True
     )
     assert {"fastv", "random", "uniform"} <= set(out.stdout.split())
+
+
+def test_run_names_the_site_and_unit_of_each_trace_event(tmp_path, capsys):
+    vision = {"strategy": "visionzip", "stages": [{"site": "vision", "layer": 0, "keep": 16}]}
+    assert main(["run", str(write_config(tmp_path / "vision.yaml", reduction=vision))]) == 0
+    out = capsys.readouterr().out
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "vision layer 0 tokens 577 -> 17 per image (visual 576 -> 16)" in lines  # CLS + patches
+    assert "language layer 0 tokens 582 -> 22 per sample (visual 576 -> 16)" in lines  # what the decoder sees

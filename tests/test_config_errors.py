@@ -15,6 +15,7 @@ import yaml
 import tokenprune as tp
 from tokenprune.config import read_mapping
 from tokenprune.lab.cli import main
+from tokenprune.lab.config import load_ablation_config
 
 BROKEN_YAML = "reduction:\n  strategy: fastv\n  stages: [1, 2\n  ratio: 0.5\n"  # the flow list never closes
 BROKEN_JSON = '{"strategy": "fastv",\n "ratio": 0.5,,\n}'  # line 2, column 15: the second comma
@@ -179,3 +180,14 @@ def test_the_console_command_prints_no_traceback(tmp_path: Path) -> None:
     errors = [line for line in done.stderr.splitlines() if line.startswith("tokenprune: error: ")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"{path}, line 4, column 8: invalid YAML" in errors[0]
+
+
+def test_a_broken_plugin_in_an_ablation_grid_stays_a_plugin_error(tmp_path, monkeypatch) -> None:
+    def broken(name: str) -> type:
+        raise tp.PluginError(f"strategy {name!r} from pkg:Broken failed to load: needs `missing_lib`")
+
+    monkeypatch.setattr(tp, "strategy_class", broken)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"grid": {"strategies": ["broken"]}}))
+    with pytest.raises(tp.PluginError, match="missing_lib"):  # not a ConfigError about the field
+        load_ablation_config(path)

@@ -51,7 +51,9 @@ def compose(outer: Tensor, inner: Tensor) -> Tensor:
     return picked.masked_fill(inner < 0, FILLER)
 
 
-def scatter_tokens(full: Tensor, index: Tensor, tokens: Tensor) -> Tensor:
-    """Write `tokens` [B, L', D] into `full` [B, N + 1, D] at `index` (fillers go to the spare slot N)."""
+def scatter_tokens(full: Tensor, index: Tensor, tokens: Tensor, in_place: bool = False) -> Tensor:
+    """Write `tokens` [B, L', D] into `full` [B, N + 1, D] at `index` (fillers go to the spare slot N);
+    `in_place` writes into `full` itself, sparing a copy of it when the caller owns it."""
     slot = index.masked_fill(index < 0, full.shape[1] - 1)
-    return full.scatter(1, slot[..., None].expand(-1, -1, full.shape[-1]), tokens.to(full.dtype))
+    scatter = full.scatter_ if in_place else full.scatter
+    return scatter(1, slot[..., None].expand(-1, -1, full.shape[-1]), tokens.to(full.dtype))

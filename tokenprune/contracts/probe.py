@@ -118,7 +118,7 @@ class ProjectionProbe:
         for start in range(0, length, QUERY_CHUNK):
             rows = torch.arange(start, min(start + QUERY_CHUNK, length), device=keys.device).expand(batch, -1)
             probs = self._rows(inputs, keys, rows, allowed, rope)
-            total += (probs * valid.gather(1, rows)[..., None]).sum(dim=1)
+            total += probs.mul_(valid.gather(1, rows)[..., None]).sum(dim=1)
         return (total / valid.sum(dim=1, keepdim=True).clamp(min=1)).to(asked_on)
 
     @torch.no_grad()
@@ -157,11 +157,12 @@ class ProjectionProbe:
             queries, _ = self.rotary(queries, queries, cos, sin)
         kv_heads, dim = keys.shape[1], keys.shape[-1]
         grouped = queries.float().reshape(batch, kv_heads, -1, n_rows, dim).flatten(2, 3)
-        logits = (grouped @ keys.transpose(-1, -2)).view(batch, -1, n_rows, keys.shape[2]) * attn.scaling
+        # in place from here: each step's input is a fresh float32 tensor nothing else holds
+        logits = (grouped @ keys.transpose(-1, -2)).view(batch, -1, n_rows, keys.shape[2]).mul_(attn.scaling)
         key_index = torch.arange(keys.shape[2], device=keys.device)
         causal = allowed[:, None, :] & (key_index[None, None, :] <= rows[:, :, None])
-        logits = logits.masked_fill(~causal[:, None], float("-inf"))
-        return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
+        logits.masked_fill_(~causal[:, None], float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(dim=1)
 
 
 def _rotary_helper(attention: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from tokenprune.contracts.layout import grid_coords
 from tokenprune.contracts.reducer import Merge, Reducer, Signals, SignalUnavailable, TokenView
 from tokenprune.core.merging import follow_groups, initial_groups, key_bias, merge_tokens
-from tokenprune.core.selection import check_selection, reduction_event, selection_parts
+from tokenprune.core.selection import checked_select, reduction_event
 from tokenprune.errors import ConfigError
 from tokenprune.indexing import gather_tokens
 
@@ -76,8 +76,7 @@ class GridTokens:
         captured = self.captured.pop(stage.layer, {})
         signals = self._signals(captured, scale, self.bias(torch.float32, x.device))
         view = self._view(stage, x, signals)
-        keep, merge = selection_parts(self.reducer.select(view))
-        check_selection(type(self.reducer).__name__, keep, view, merge)
+        keep, merge = checked_select(self.reducer, view)
         sizes = self.sizes
         if merge is not None:
             x, sizes = merge_tokens(x, view.token_sizes(), merge)

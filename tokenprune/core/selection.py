@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenprune.contracts.reducer import Merge, Reducer, Site, TokenView, group_counts
+from tokenprune.contracts.reducer import Merge, Reducer, Site, TokenView, group_counts, strategy_label
 from tokenprune.errors import ConfigError, StrategyError
 from tokenprune.indexing import gather_tokens
 
@@ -41,29 +41,38 @@ class ReductionEvent:
     site: str = "language"
 
 
-def selection_parts(selection: Tensor | Merge) -> tuple[Tensor, Merge | None]:
-    """(keep mask, merge or None) of what `Reducer.select` returned."""
+def checked_select(reducer: Reducer, view: TokenView) -> tuple[Tensor, Merge | None]:
+    """(keep mask, merge or None) of `reducer.select(view)`, refused with a `StrategyError` naming the
+    registered strategy when it breaks the contract (a `Merge` from a strategy not declaring `merges`)."""
+    selection = reducer.select(view)
+    name = strategy_label(reducer)
     if isinstance(selection, Merge):
-        return selection.keep, selection
-    return selection, None
+        if not type(reducer).merges:
+            raise StrategyError(
+                f"{name}: select returned a Merge, but the class does not declare `merges = True`: "
+                "set it (merging strategies are checked against their own oracles), or return a bool mask"
+            )
+        keep, merge = selection.keep, selection
+    else:
+        keep, merge = selection, None
+    check_selection(name, keep, view, merge)
+    return keep, merge
 
 
 def check_selection(name: str, keep: Tensor, view: TokenView, merge: Merge | None = None) -> None:
     """Refuse a selection breaking the contract: wrong shape or type, non-candidates kept, off budget."""
-    if keep.shape != view.candidates.shape or keep.dtype != torch.bool:
-        raise StrategyError(
-            f"{name}.select returned {tuple(keep.shape)} {keep.dtype}, "
-            f"expected bool {tuple(view.candidates.shape)}"
-        )
+    if not isinstance(keep, Tensor) or keep.shape != view.candidates.shape or keep.dtype != torch.bool:
+        got = f"{tuple(keep.shape)} {keep.dtype}" if isinstance(keep, Tensor) else type(keep).__name__
+        raise StrategyError(f"{name}: select returned {got}, expected bool {tuple(view.candidates.shape)}")
     budget, groups = view.quota()
     per_group = group_counts(keep, groups, budget.shape[1])
     outside, off_budget = torch.stack([(keep & ~view.candidates).any(), (per_group != budget).any()]).tolist()
     if outside:
-        raise StrategyError(f"{name}.select kept tokens that are not candidates (text, padding or filler)")
+        raise StrategyError(f"{name}: select kept tokens that are not candidates (text, padding or filler)")
     if off_budget:
         unit = "sample" if view.frame_budget is None else "frame"
         raise StrategyError(
-            f"{name}.select kept {per_group.tolist()} per {unit} (a row per sample), "
+            f"{name}: select kept {per_group.tolist()} per {unit} (a row per sample), "
             f"the budget is {budget.tolist()}"
         )
     if merge is not None:

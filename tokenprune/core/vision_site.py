@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from tokenprune.contracts.adapter import VisionTower
 from tokenprune.contracts.reducer import Reducer
 from tokenprune.core.grid import GridTokens, check_site_layers
+from tokenprune.core.language.lifecycle import Hooks
 from tokenprune.core.selection import check_strategy_site
 from tokenprune.errors import ConfigError, InputError
 
@@ -96,21 +96,21 @@ class VisionSite:
     def events(self) -> list[ReductionEvent]:
         return [] if self.tokens is None else self.tokens.events
 
-    def install(self) -> list[RemovableHandle]:
-        """Register the hooks; returns their handles."""
-        handles = [self.tower.layers[0].register_forward_pre_hook(self._start)]
+    def install(self, hooks: Hooks) -> None:
+        """Register the hooks, each recorded in `hooks` as placed, so that removing `hooks` undoes a
+        failed install too."""
+        hooks.add([self.tower.layers[0].register_forward_pre_hook(self._start)])
         first = min(self.stages)
         for index, layer in enumerate(self.tower.layers):
             if index in self.stages:
-                handles += self._watch(index, layer.self_attn)
+                self._watch(index, layer.self_attn, hooks)
                 # prepended: transformers records hidden states with forward hooks of its own, which must
                 # see the reduced output
-                handles.append(layer.register_forward_hook(self._reducer_hook(index), prepend=True))
+                hooks.add([layer.register_forward_hook(self._reducer_hook(index), prepend=True)])
             if index > first:
-                handles.append(layer.register_forward_pre_hook(self._bias_hook))
-        handles.append(self.tower.projector.register_forward_pre_hook(self._restore_slots))
-        handles.append(self.tower.projector.register_forward_hook(self._record_projection))
-        return handles
+                hooks.add([layer.register_forward_pre_hook(self._bias_hook)])
+        hooks.add([self.tower.projector.register_forward_pre_hook(self._restore_slots)])
+        hooks.add([self.tower.projector.register_forward_hook(self._record_projection)])
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         """The tower encodes new items (in the forward, or before prefill in `generate`): start afresh."""
@@ -172,7 +172,7 @@ class VisionSite:
             )
         return self.tokens
 
-    def _watch(self, index: int, attention: nn.Module) -> list[RemovableHandle]:
+    def _watch(self, index: int, attention: nn.Module, hooks: Hooks) -> None:
         def capture(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
                 heads = out.view(*out.shape[:2], attention.num_heads, attention.head_dim).transpose(1, 2)
@@ -180,10 +180,8 @@ class VisionSite:
 
             return hook
 
-        return [
-            attention.q_proj.register_forward_hook(capture("queries")),
-            attention.k_proj.register_forward_hook(capture("keys")),
-        ]
+        hooks.add([attention.q_proj.register_forward_hook(capture("queries"))])
+        hooks.add([attention.k_proj.register_forward_hook(capture("keys"))])
 
     def _reducer_hook(self, index: int) -> Callable[..., Tensor]:
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:

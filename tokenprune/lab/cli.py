@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -30,15 +31,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
+    """Run the grid, then write the report, also when some cells failed (then raise, naming them)."""
     from tokenprune.lab.grid import parse_shard
-    from tokenprune.lab.report import build_report
-    from tokenprune.lab.runner import run_ablation
+    from tokenprune.lab.runner import CellsFailed, run_ablation
 
     shard = parse_shard(args.shard) if args.shard else None
-    folder = run_ablation(args.config, shard, args.dry_run, args.output, args.threads)
+    try:
+        folder = run_ablation(args.config, shard, args.dry_run, args.output, args.threads)
+    except CellsFailed as failed:
+        if not args.no_report:
+            _print_report(failed.folder)
+        raise
     if not args.dry_run and not args.no_report:
-        print(f"report: {', '.join(str(p) for p in build_report([folder]) if p.suffix != '.pdf')}")
+        _print_report(folder)
     return 0
+
+
+def _print_report(folder: Path) -> None:
+    """Write the tables and figures of a run folder and print where (PDFs left out: one per PNG)."""
+    from tokenprune.lab.report import build_report
+
+    print(f"report: {', '.join(str(p) for p in build_report([folder]) if p.suffix != '.pdf')}")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import tokenprune as tp
 from tokenprune.config import read_mapping
-from tokenprune.errors import ConfigError, TokenPruneError, describe_errors
+from tokenprune.errors import ConfigError, UnknownNameError, describe_errors
 from tokenprune.lab.loading import DEFAULT_MAX_NEW_TOKENS, DType
 
 MIN_DECODE_TOKENS = 32  # decode is timed over at least this many new tokens (one step is too short to time)
@@ -148,8 +148,8 @@ class GridSpec(BaseModel):
         for name in names:
             try:
                 tp.strategy_class(name)
-            except TokenPruneError as exc:
-                raise ValueError(str(exc)) from None
+            except UnknownNameError as exc:  # a field error, with the known names; a broken plug-in's
+                raise ValueError(str(exc)) from None  # PluginError passes through pydantic as it is
         return names
 
     @field_validator("layers")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,11 +112,18 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow([*CSV_FIELDS, *environment])
         for row in rows:
-            values = [
-                json.dumps(row.get(f), sort_keys=True) if f == "params" else row.get(f) for f in CSV_FIELDS
-            ]
+            values = [_csv_value(row, f) for f in CSV_FIELDS]
             writer.writerow([*values, *(row.get("environment", {}).get(e) for e in environment)])
     return path
+
+
+def _csv_value(row: Row, field: str) -> Any:
+    """One CSV cell: `params` as JSON, `timing_flags` as `; `-joined text, the rest as they are."""
+    if field == "params":
+        return json.dumps(row.get(field), sort_keys=True)
+    if field == "timing_flags":
+        return "; ".join(row.get(field) or [])
+    return row.get(field)
 
 
 MARKDOWN_COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
@@ -131,7 +138,7 @@ MARKDOWN_COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
     ("FLOPs bound", lambda r: f"{1 / r['flops_ratio']:.2f}x"),
     ("tower GFLOPs", lambda r: "" if r.get("tower_flops") is None else f"{r['tower_flops'] / 1e9:.3g}"),
     ("prefill ms", lambda r: f"{r['prefill_s'] * 1e3:.3g}"),
-    ("prefill speed-up", lambda r: f"{r['prefill_speedup']:.2f}x"),
+    ("prefill speed-up", lambda r: _optional_speedup(r.get("prefill_speedup"))),
     ("prefill spread", lambda r: _optional_percent(r.get("prefill_spread"))),
     ("decode ms/token", lambda r: f"{r['decode_s_per_token'] * 1e3:.3g}"),
     ("decode speed-up", lambda r: _optional_speedup(r.get("decode_speedup"))),
@@ -166,12 +173,24 @@ def _footnote(rows: Sequence[Row]) -> str:
         f"({environment.get('device_name')}, threads={environment.get('threads')}), torch "
         f"{environment.get('torch')}, transformers {environment.get('transformers')}, tokenprune "
         f"{environment.get('tokenprune')}. FLOPs: decoder prefill per sample (multiply-accumulate = 2). "
-        + _timing_method(rows[0])
+        + _timing_methods(rows)
     )
 
 
+def _timing_methods(rows: Sequence[Row]) -> str:
+    """How the times of the rows were taken; when rows were timed differently, each way with its count."""
+    methods = Counter(_timing_method(row) for row in rows)
+    if len(methods) == 1:
+        return next(iter(methods))
+    counts = "; ".join(
+        f"{count} {'cell' if count == 1 else 'cells'}: {method.removeprefix('Times: ')}"
+        for method, count in methods.items()
+    )
+    return f"Times by mixed timing methods, not comparable across them (rerun to re-measure): {counts}"
+
+
 def _timing_method(row: Row) -> str:
-    """How the times of the rows were taken (rows written before paired timing say so)."""
+    """How the times of one row were taken (rows written before paired timing say so)."""
     if "timing_repeats" not in row:
         return (
             "Times: medians on the first batch after warm-up, each cell interleaved with a fresh baseline "
@@ -317,10 +336,11 @@ def speedup_figure(rows: Sequence[Row]) -> Figure:
     curves = series(rows)
     styles = curve_styles(list(curves))
     for name, curve in curves.items():
-        bound = [1 / r["flops_ratio"] for r in curve]
-        measured = [r["prefill_speedup"] for r in curve]
+        timed = [r for r in curve if r.get("prefill_speedup") is not None]  # None: not finite, no point
+        bound = [1 / r["flops_ratio"] for r in timed]
+        measured = [r["prefill_speedup"] for r in timed]
         ax.plot(bound, measured, label=name, **{**styles[name], "linestyle": "none"})
-        top = max(top, *bound, *measured)
+        top = max([top, *bound, *measured])
     ax.plot([1, top], [1, top], color="grey", linestyle="--", label="FLOPs bound")
     ax.set(xlabel="FLOPs bound (x)", ylabel="measured prefill speed-up (x)")
     ax.set_title("Measured speed-up vs FLOPs bound")

@@ -79,12 +79,14 @@ class ResultStore:
         self.path = self.folder / results_name(shard)
         self._mended = False
 
-    def finished(self) -> set[str]:
-        """Keys of the cells measured by any run or shard whose results are in this folder.
+    def finished(self, timing: dict[str, Any]) -> set[str]:
+        """Keys of the cells measured, with the `timing` settings and method, by any run or shard here.
 
-        A cell whose latest row records an `error` is not finished: a rerun tries it again.
+        A cell whose latest row records an `error`, or was timed otherwise (older rows have no
+        `timing`), is not finished: a rerun measures it again and its new row replaces the old.
         """
-        return {row["key"] for row in merge_rows(results_files([self.folder])) if "error" not in row}
+        rows = merge_rows(results_files([self.folder]))
+        return {row["key"] for row in rows if "error" not in row and row.get("timing") == timing}
 
     def append(self, row: dict[str, Any]) -> None:
         """Add one row as one line: one `write` in append mode, then `fsync`."""

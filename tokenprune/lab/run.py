@@ -108,6 +108,18 @@ def measure(model: nn.Module, config: RunConfig) -> dict[str, Any]:
     }
 
 
+def _trace_line(event: tp.ReductionEvent) -> str:
+    """One reduction of the trace: its site and layer, and the tokens of its first sample or image.
+
+    A `site: vision` event counts one image's tokens at a tower layer; a language one a sample's.
+    """
+    unit = "image" if event.site == "vision" else "sample"
+    return (
+        f"{event.site} layer {event.layer:<4} tokens {event.tokens_before[0]} -> "
+        f"{event.tokens_after[0]} per {unit} (visual {event.visual_before[0]} -> {event.visual_after[0]})"
+    )
+
+
 def report(model: nn.Module, config: RunConfig, result: dict[str, Any]) -> str:
     """The table `tokenprune run` prints: time ratios are medians of per-pair ratios, with their spread."""
     text = model.config.text_config
@@ -119,11 +131,7 @@ def report(model: nn.Module, config: RunConfig, result: dict[str, Any]) -> str:
         f"{text.hidden_size}, {config.device} {config.dtype}, {config.attn_implementation}",
         f"reduction  {config.reduction.strategy} {stages} params={config.reduction.params}",
     ]
-    for event in result["trace"]:
-        lines.append(
-            f"layer {event.layer:<4} tokens {event.tokens_before[0]} -> {event.tokens_after[0]} per sample "
-            f"(visual {event.visual_before[0]} -> {event.visual_after[0]})"
-        )
+    lines += [_trace_line(event) for event in result["trace"]]
     prefill, decode = speed.prefill, speed.decode
     lines += [
         "",

@@ -42,6 +42,7 @@ from tokenprune.lab.metrics import Outputs, accuracy, costs, evaluate, fidelity
 from tokenprune.lab.report import SAMPLE_IMAGE
 from tokenprune.lab.results import ResultStore
 from tokenprune.lab.speed import Footprint, PairedSpeed, flags, footprint, paired_generation
+from tokenprune.lab.timing import TIMING_METHOD
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Bench:
         return {
             "run": self.config.name,
             "config_file": str(self.config_file),
+            "timing": timing_settings(self.config),
             "environment": environment(self.loaded.model),
         }
 
@@ -281,6 +283,11 @@ def _clock(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
+def timing_settings(config: AblationConfig) -> dict[str, Any]:
+    """How a run times its cells (settings and method version): a row timed otherwise is re-measured."""
+    return {**config.timing.model_dump(), "method": TIMING_METHOD}
+
+
 def run_folder(config: AblationConfig, output: str | Path | None = None) -> Path:
     """`<output>/<name>`: where a run's results, tables and figures go."""
     return Path(output or config.output) / str(config.name)
@@ -310,7 +317,7 @@ def run_ablation(
     cells = shard_cells(expand_grid(config), shard)
     folder = run_folder(config, output)
     store = ResultStore(folder, shard)
-    finished = store.finished()
+    finished = store.finished(timing_settings(config))
     for name in config.grid.missing():
         print(f"skipping strategy {name!r}: not installed (grid.if_installed)", file=stream)
     if dry_run:
@@ -325,10 +332,21 @@ def run_ablation(
     return folder
 
 
+class CellsFailed(TokenPruneError):
+    """Some cells of a run raised; their rows hold the error, and the others' rows are in `folder`."""
+
+    def __init__(self, folder: Path, store: ResultStore, labels: list[str]) -> None:
+        super().__init__(
+            f"{len(labels)} cell(s) failed, recorded with their error in {store.path} "
+            f"(a rerun tries them again): {', '.join(labels)}"
+        )
+        self.folder = folder
+
+
 def run_cells(bench: Bench, folder: Path, store: ResultStore, todo: list[Cell], stream: TextIO) -> None:
     """Measure and record each cell in turn; a cell that raises is recorded with its error, the rest go on.
 
-    Raises `TokenPruneError` at the end, naming the failed cells, when there were any.
+    Raises `CellsFailed` at the end, naming the failed cells, when there were any.
     """
     bench.save_sample_image(folder)
     progress = Progress(len(todo), stream)
@@ -346,10 +364,7 @@ def run_cells(bench: Bench, folder: Path, store: ResultStore, todo: list[Cell], 
         store.append(row)
         progress.finish()
     if failed:
-        raise TokenPruneError(
-            f"{len(failed)} cell(s) failed, recorded with their error in {store.path} "
-            f"(a rerun tries them again): {', '.join(failed)}"
-        )
+        raise CellsFailed(folder, store, failed)
 
 
 @contextmanager

@@ -4,9 +4,10 @@ A time alone means little on a shared machine; a ratio of two times taken side b
 repeat measures the baseline and the variant back to back, alternating which goes first (so a
 drift or a warm cache favours neither), and yields one ratio; the report is the median of those
 ratios with their interquartile range. A spread (IQR / median) above `NOISY_SPREAD` flags the row.
-`torch.utils.benchmark` does the clock work of one measurement of a plain call (warm-up, threads,
-CUDA syncs); `time_generation` times one `generate` call step by step (prefill, then decode per
-token), so that decode is measured directly and never as a difference of two noisy totals.
+`now` is the one clock: it waits for the device's queued work (CUDA) before reading the time.
+`time_generation` times one `generate` call step by step with it (prefill, then decode per token),
+so that decode is measured directly and never as a difference of two noisy totals; `elapsed` times
+one plain call with it.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from transformers import LogitsProcessor, LogitsProcessorList
 
 T = TypeVar("T")
 
 NOISY_SPREAD = 0.10  # a paired ratio whose IQR exceeds 10% of its median is flagged, not trusted
+# The version of the timing method, recorded in each ablation row: rows timed otherwise are re-measured.
+TIMING_METHOD = "paired-alternating-generation/1"
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,17 @@ class PairedRatio:
         return 1.0 / self.ratio if self.ratio > 0 else float("inf")
 
 
-def seconds(fn: Callable[[], object], number: int = 1) -> float:
-    """Seconds per call of `fn`, averaged over `number` calls, by `torch.utils.benchmark`.
+def now(synchronize: Callable[[], None]) -> float:
+    """The clock (`perf_counter` seconds) once the device's queued work is done (`synchronizer`)."""
+    synchronize()
+    return time.perf_counter()
 
-    The timer synchronises CUDA around the calls and runs at the current thread count.
-    """
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.timeit(number).mean
+
+def elapsed(run: Callable[[], object], synchronize: Callable[[], None]) -> float:
+    """Seconds of one `run()`, the device synchronised before and after it."""
+    start = now(synchronize)
+    run()
+    return now(synchronize) - start
 
 
 def paired_ratio(
@@ -68,7 +74,7 @@ def paired_ratio(
     """Measure `variant` against `baseline`, each a callable returning one measurement in seconds.
 
     `warmup` unrecorded pairs run first; then `repeats` pairs, the baseline first in even repeats
-    and the variant first in odd ones. Callables that time a plain call can use `seconds`; those
+    and the variant first in odd ones. Callables that time a plain call can use `elapsed`; those
     that must set something up around the timed part (attach, prefill a cache) time it themselves.
     """
     return summarize(*alternate(baseline, variant, repeats, warmup))
@@ -135,8 +141,7 @@ class _StepClock(LogitsProcessor):
         self.stamps: list[float] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        self.synchronize()
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(now(self.synchronize))
         return scores
 
 
@@ -151,8 +156,7 @@ def time_generation(
     if new_tokens < 2:
         raise ValueError(f"timing decode needs at least 2 new tokens, got {new_tokens}")
     clock = _StepClock(synchronize)
-    synchronize()
-    start = time.perf_counter()
+    start = now(synchronize)
     model.generate(
         **inputs,
         max_new_tokens=new_tokens,
@@ -165,8 +169,13 @@ def time_generation(
     return GenerationTimes(stamps[0] - start, decode, len(stamps))
 
 
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """What waits for a device's queued work before a clock reading: `cuda.synchronize`, or nothing."""
+def synchronizer(device: torch.device | None = None) -> Callable[[], None]:
+    """What waits for a device's queued work before a clock reading: `cuda.synchronize`, or nothing.
+
+    None: the current CUDA device when there is one (for callers that time whatever they are given).
+    """
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None

@@ -33,6 +33,13 @@ class CachedStage:
     layer: int
     key_valid: Tensor  # [B, L] bool: real slots among the stage's cached prompt entries
     key_bias: Tensor | None  # [B, L] log(size) per slot, or None
+    all_real: bool | None = None  # every slot of key_valid is real: read once, at the first continuation
+
+    def keys_all_real(self) -> bool:
+        """Whether every cached slot of the stage is real (one host read, then remembered)."""
+        if self.all_real is None:
+            self.all_real = bool(self.key_valid.all())
+        return self.all_real
 
 
 @dataclass
@@ -100,22 +107,38 @@ class CacheLedger:
         """The mask of new tokens `hidden` [B, q, D] over the kept cache entries of the stage at `layer`."""
         record = record_of(cache)
         cached = next(stage for stage in record.stages if stage.layer == layer)
+        batch, q_length = hidden.shape[:2]
+        new_total = cache.get_seq_length(layer) - cached.key_valid.shape[1] + q_length
+        if padding_mask is not None and padding_mask.shape[1] != record.original_length + new_total:
+            raise InputError(
+                f"attention_mask covers {padding_mask.shape[1]} tokens, but the cache holds "
+                f"{record.original_length} prompt tokens and {new_total} since, this call included"
+            )
+        new_padding = None if padding_mask is None else padding_mask[:, record.original_length :]
+        if _needs_no_mask(config, cached, q_length, new_padding):
+            return None
         device = hidden.device
         key_valid = cached.key_valid.to(device)
-        batch, q_length = hidden.shape[:2]
-        new_total = cache.get_seq_length(layer) - key_valid.shape[1] + q_length
         if padding_mask is None:
             new_valid = torch.ones(batch, new_total, dtype=torch.bool, device=device)
         else:
-            new_valid = padding_mask[:, record.original_length :].to(device=device, dtype=torch.bool)
-            if new_valid.shape[1] != new_total:
-                raise InputError(
-                    f"attention_mask covers {padding_mask.shape[1]} tokens, but the cache holds "
-                    f"{record.original_length} prompt tokens and {new_total} since, this call included"
-                )
+            new_valid = new_padding.to(device=device, dtype=torch.bool)
         keys = torch.cat([key_valid, new_valid], dim=1)
         bias = None
         if cached.key_bias is not None:
             key_bias = cached.key_bias.to(device)
             bias = torch.cat([key_bias, key_bias.new_zeros(new_valid.shape)], dim=1)
         return build_causal_mask(config, keys, q_length, hidden.dtype, key_bias=bias)
+
+
+def _needs_no_mask(
+    config: PretrainedConfig, cached: CachedStage, q_length: int, new_padding: Tensor | None
+) -> bool:
+    """Whether SDPA's mask for one new token is None, as transformers' `sdpa_mask` would decide: no key
+    bias, every cached slot and every token since the prompt real (`new_padding`: the caller's mask
+    over them). Skips building the mask at each decode step."""
+    if config._attn_implementation != "sdpa" or cached.key_bias is not None or q_length != 1:
+        return False
+    if torch.compiler.is_compiling() or not cached.keys_all_real():
+        return False
+    return new_padding is None or bool(new_padding.all())

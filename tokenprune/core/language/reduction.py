@@ -23,7 +23,7 @@ from tokenprune.core.language.ledger import CacheLedger
 from tokenprune.core.language.signals import site_signals
 from tokenprune.core.masks import build_causal_mask
 from tokenprune.core.merging import follow_groups, initial_groups, key_bias, merge_tokens
-from tokenprune.core.selection import check_selection, reduction_event, selection_parts
+from tokenprune.core.selection import checked_select, reduction_event
 from tokenprune.core.vision_site import VisionSite
 from tokenprune.errors import InputError
 from tokenprune.indexing import compose, gather_tokens, left_aligned_index, scatter_tokens
@@ -65,15 +65,14 @@ class ReductionStep:
             index, sizes = state.current.index.to(device), state.current.sizes
             sizes = None if sizes is None else sizes.to(device)
             valid = index >= 0
-            state.restore = scatter_tokens(state.restore.to(device), index, hidden)
+            state.restore = scatter_tokens(state.restore.to(device), index, hidden, in_place=True)
             state.groups = state.groups.to(device)
         state.layout = _layout_on(state.layout, device)
         view = self._view(state, stage, hidden, index, valid, sizes)
         if stage is HANDOFF:
             keep, into, sizes = self._handoff(state, view)
         else:
-            keep, merge = selection_parts(self.reducer.select(view))
-            check_selection(type(self.reducer).__name__, keep, view, merge)
+            keep, merge = checked_select(self.reducer, view)
             into = None if merge is None else merge.into
             if merge is not None:
                 hidden, sizes = merge_tokens(hidden, view.token_sizes(), merge)

@@ -80,7 +80,7 @@ class Session:
             hooks.pre(layers[index], self._layer_hook(index))
         hooks.post(layers[-1], self._on_last_layer)
         for site in self.visions:
-            hooks.add(site.install())
+            site.install(hooks)
 
     def remove(self) -> None:
         """Take every hook off and drop the state of a forward in progress."""
@@ -167,9 +167,9 @@ class Session:
         state = self._pass
         if state is None or state.mode != "prefill" or state.current is None:
             return None
-        device = output.device
+        device = output.device  # the buffer is this forward's own: written in place, not copied
         restore, index = state.restore.to(device), state.current.index.to(device)
-        return scatter_tokens(restore, index, output)[:, : restore.shape[1] - 1]
+        return scatter_tokens(restore, index, output, in_place=True)[:, : restore.shape[1] - 1]
 
 
 def _check_cache_kind(cache: Any) -> None:
