@@ -18,6 +18,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    PretrainedConfig,
     PreTrainedModel,
 )
 
@@ -172,6 +173,14 @@ def qwen_token_ids() -> dict[str, int]:
     }
 
 
+def _seeded_qwen(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A Qwen-VL-family model of `config` with seeded random weights that never generates placeholders."""
+    torch.manual_seed(seed)
+    model = _no_placeholder_generation(model_class(config).eval())
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
+    return model
+
+
 def toy_qwen2_vl(
     size: ToySize = ToySize(), attn_implementation: str = "sdpa", seed: int = 0
 ) -> PreTrainedModel:
@@ -197,10 +206,7 @@ def toy_qwen2_vl(
         attn_implementation=attn_implementation,
         **qwen_token_ids(),
     )
-    torch.manual_seed(seed)
-    model = _no_placeholder_generation(Qwen2VLForConditionalGeneration(config).eval())
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
-    return model
+    return _seeded_qwen(Qwen2VLForConditionalGeneration, config, seed)
 
 
 def toy_qwen2_5_vl(
@@ -227,7 +233,4 @@ def toy_qwen2_5_vl(
         attn_implementation=attn_implementation,
         **qwen_token_ids(),
     )
-    torch.manual_seed(seed)
-    model = _no_placeholder_generation(Qwen2_5_VLForConditionalGeneration(config).eval())
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
-    return model
+    return _seeded_qwen(Qwen2_5_VLForConditionalGeneration, config, seed)
