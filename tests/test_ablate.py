@@ -30,9 +30,10 @@ from tokenprune.errors import ConfigError
 from tokenprune.lab.cli import main
 from tokenprune.lab.config import load_ablation_config
 from tokenprune.lab.datasets import jsonl_samples, load_samples
+from tokenprune.lab.figures import pareto_front
 from tokenprune.lab.grid import expand_grid, parse_shard, shard_cells
 from tokenprune.lab.metrics import Outputs, accuracy, fidelity, first_token_kl, survival_map
-from tokenprune.lab.report import build_report, pareto_front
+from tokenprune.lab.report import build_report
 from tokenprune.lab.results import CorruptLineWarning, ResultStore, merge_rows, read_rows
 from tokenprune.lab.runner import run_ablation
 from tokenprune.registry import STRATEGIES

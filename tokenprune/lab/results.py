@@ -11,6 +11,7 @@ raised has a row with its `error` and no measurements.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import warnings
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_GLOB = "results*.jsonl"
+Row = dict[str, Any]  # one results line: a cell's identity, measurements and context
 
 
 class CorruptLineWarning(UserWarning):
@@ -89,25 +91,29 @@ class ResultStore:
         return {row["key"] for row in rows if "error" not in row and row.get("timing") == timing}
 
     def append(self, row: dict[str, Any]) -> None:
-        """Add one row as one line: one `write` in append mode, then `fsync`."""
+        """Add one row as one line: one `write` in append mode, then `fsync`, under an exclusive lock.
+
+        The lock (`flock`) keeps another writer of the same file from reading a line this one is
+        still writing as a torn tail and cutting it.
+        """
         if "key" not in row:
             raise ValueError("a results row needs its cell's `key`")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._mend_tail()
         line = (json.dumps(row, sort_keys=True, allow_nan=True) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._mend_tail()
             written = 0
             while written < len(line):  # a regular file takes it in one write; loop on a short one
                 written += os.write(fd, line[written:])
             os.fsync(fd)
         finally:
-            os.close(fd)
+            os.close(fd)  # closing releases the lock
 
     def _mend_tail(self) -> None:
         """Before the first append: cut a torn last line (a killed write), or end a whole one."""
-        if self._mended or not self.path.exists():
-            self._mended = True
+        if self._mended:
             return
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
