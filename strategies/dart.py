@@ -44,14 +44,14 @@ class DartParams(BaseModel):
 
 def top_indices(values: Tensor, k: int) -> list[int]:
     """Indices of the k largest entries of `values` [n] (ties: the earlier index), in sequence order."""
-    order = torch.sort(values.float(), descending=True, stable=True).indices
+    order = torch.sort(values, descending=True, stable=True).indices
     return sorted(order[: min(k, len(values))].tolist())
 
 
 def least_duplicated(
     visual: Tensor, norms: Tensor, text_pivots: Tensor, k: int, image_pivots: int
 ) -> list[int]:
-    """k row indices of `visual` [n, D]: the visual pivots, then each pivot's least similar tokens.
+    """k row indices of `visual` [n, D] float32: the visual pivots, then each pivot's least similar tokens.
 
     `norms` [n]: the key L1 norm of each visual token (the `image_pivots` largest are pivots);
     `text_pivots` [m, D]: features of the text pivots. Similarity is cosine; each pivot, visual ones
@@ -61,8 +61,8 @@ def least_duplicated(
     if k == 0:
         return []
     pivots = top_indices(norms, min(image_pivots, k))
-    unit = torch.nn.functional.normalize(visual.float(), dim=-1)
-    anchors = torch.cat([unit[pivots], torch.nn.functional.normalize(text_pivots.float(), dim=-1)])
+    unit = torch.nn.functional.normalize(visual, dim=-1)
+    anchors = torch.cat([unit[pivots], torch.nn.functional.normalize(text_pivots, dim=-1)])
     free = torch.ones(len(visual), dtype=torch.bool, device=visual.device)
     free[pivots] = False
     chosen = list(pivots)

@@ -15,14 +15,14 @@ from tokenprune.contracts.reducer import Reducer, TokenView
 
 
 def max_min_diverse(features: Tensor, k: int) -> list[int]:
-    """k row indices of `features` [n, d], greedily maximising the minimum cosine distance.
+    """k row indices of `features` [n, d] float32, greedily maximising the minimum cosine distance.
 
     First the row whose nearest neighbour is farthest; then, each time, the row whose distance to
     the nearest already-chosen row is largest (ties: the earlier row). Distance = 1 - cosine.
     """
     if k == 0:
         return []
-    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    unit = torch.nn.functional.normalize(features, dim=-1)
     distance = 1 - unit @ unit.T
     nearest = distance.fill_diagonal_(float("inf")).min(dim=1).values
     distance.fill_diagonal_(0.0)
@@ -43,8 +43,9 @@ class DivPrune(Reducer):
     def select(self, view: TokenView) -> Tensor:
         keep = torch.zeros_like(view.candidates)
         budget, groups = view.quota()
+        features = view.features()
         for b in range(keep.shape[0]):
             for group, k in enumerate(budget[b].tolist()):
                 members = (view.candidates[b] & (groups[b] == group)).nonzero().squeeze(1)
-                keep[b, members[max_min_diverse(view.hidden[b, members], k)]] = True
+                keep[b, members[max_min_diverse(features[b, members], k)]] = True
         return keep

@@ -31,6 +31,10 @@ class FastVParams(BaseModel):
 
     score: Literal["last", "mean", "class"] | None = Field(None, description="query rows ranking the tokens")
 
+    def resolved(self, site: str) -> FastVParams:
+        """These params as they run at `site`: a None `score` is `last` in a decoder, `class` in a tower."""
+        return self.model_copy(update={"score": self.score or DEFAULT_QUERY[site]})
+
 
 class FastV(ScoreReducer):
     """Attention-rank pruning (FastV)."""

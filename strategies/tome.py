@@ -94,7 +94,7 @@ class ToMe(Reducer):
 
     def select(self, view: TokenView) -> Merge:
         """Rounds of matching until each sample (or frame) is down to its budget."""
-        keys = view.signals.keys().float()
+        keys = view.signals.keys()
         budget, groups = view.quota()
         metric, valid, movable = keys, view.valid.clone(), view.candidates.clone()
         into = torch.full_like(view.positions, -1)

@@ -113,7 +113,7 @@ class VisionZip(Reducer):
         dominant = top_k_mask(view.signals.attention("class"), view.candidates, n_dominant, groups)
         rest = view.candidates & ~dominant
         targets = strided_targets(rest, view.positions, groups, n_contextual)
-        into = assign_to_targets(view.signals.keys().float(), rest & ~targets, targets, groups)
+        into = assign_to_targets(view.signals.keys(), rest & ~targets, targets, groups)
         # the reference's layout where order is free: protected tokens, dominant, then contextual
         part = torch.where(dominant, 1, torch.where(targets, 2, 0))
         slots = torch.arange(view.positions.shape[1], device=part.device)

@@ -191,7 +191,7 @@ def test_every_cell_of_the_qwen2_vl_paper_grid_reduces_a_model_of_its_depth():
     model = toy_qwen2_vl(ToySize(hidden=32, layers=28, intermediate=64), seed=2)
     prompts = [QwenPrompt([3, 4], [Item((1, 12, 12))]), QwenPrompt([2, 5], [Item((1, 8, 12))])]
     inputs = qwen_inputs(model, prompts)  # 36 and 24 visual tokens, left-padded
-    cells = expand_grid(config)[1:]
+    cells = expand_grid(config, dataset="-")[1:]
     assert {cell.reduction.strategy for cell in cells} == {
         "fastv", "random", "uniform", "tome", "divprune", "dart", "pdrop", "feather"
     }  # fmt: skip

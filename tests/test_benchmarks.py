@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tokenprune.lab.timing import PairedRatio
+from tokenprune.testing.models import toy_llava
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py") if path.name != "common.py")
@@ -27,6 +28,7 @@ CHECKED = {
     "decode.py": ["cache checked", "tokenprune's hooks:", "target <= 1.03"],
     "families.py": ["target <= 1.02", "FLOPs bound"],
     "vit_throughput.py": ["FLOPs ratio", "ToMe matching"],
+    "gpu_check.py": ["| exactness | fastv", "| half precision |", "| device_map |", "target <= 1.02"],
 }
 
 
@@ -66,6 +68,30 @@ def test_prefill_smoke_covers_every_section():
     assert out.count("target <= 1.02") == 2  # tokenprune / ideal, once per batch
     assert "tokenprune's hooks" in out and "Session" in out  # hook names come from the code itself
     assert "checked" in out  # the KV-cache lengths matched the trace
+
+
+def test_gpu_check_smoke_writes_every_section_with_no_failure(tmp_path):
+    table = tmp_path / "gpu-check.md"
+    done = run_benchmark("gpu_check.py", "--smoke", "--out", str(table))
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    text = table.read_text()
+    assert "**FAIL**" not in text
+    for section in ("exactness", "half precision", "time to first token (one device)", "device_map"):
+        assert f"| {section} |" in text, text
+    assert "skipped: no CUDA device" in text  # FlashAttention-2 needs one: said, not silently left out
+    assert text.count("| pass |") >= 8  # every pruning strategy's oracles, bf16 against float32
+
+
+def test_gpu_check_counts_the_flash_attention_refusal_of_proportional_attention():
+    """The FlashAttention-2 rows of a GPU run: ToMe's attach-time refusal is the expected outcome."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from gpu_check import HALF_CONFIGS, refused
+
+    model = toy_llava()
+    model.model.language_model.config._attn_implementation = "flash_attention_2"  # declared: attach only
+    assert refused(model, HALF_CONFIGS["tome"]).startswith("refused at attach")
+    with pytest.raises(AssertionError, match="attached under flash_attention_2"):
+        refused(model, HALF_CONFIGS["fastv"])  # pruning adds no key bias: it attaches
 
 
 def test_vit_reference_path_must_hold_the_reference(tmp_path):

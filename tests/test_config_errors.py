@@ -16,6 +16,7 @@ import tokenprune as tp
 from tokenprune.config import read_mapping
 from tokenprune.lab.cli import main
 from tokenprune.lab.config import load_ablation_config
+from tokenprune.registry import Registry
 
 BROKEN_YAML = "reduction:\n  strategy: fastv\n  stages: [1, 2\n  ratio: 0.5\n"  # the flow list never closes
 BROKEN_JSON = '{"strategy": "fastv",\n "ratio": 0.5,,\n}'  # line 2, column 15: the second comma
@@ -157,11 +158,10 @@ def test_listing_commands_end_any_user_error_in_one_line(
 ) -> None:
     """`strategies` and `adapters` parse no file; a user error reaching them still ends in one line."""
 
-    def fail(pattern: str = "*") -> list[str]:
+    def fail(*args: object) -> list[str]:
         raise error
 
-    monkeypatch.setattr(tp, "list_strategies", fail)
-    monkeypatch.setattr(tp, "list_adapters", fail)
+    monkeypatch.setattr(Registry, "names", fail)
     for command in ("strategies", "adapters"):
         assert main([command]) == 2
         assert error_line(capsys).endswith(line)

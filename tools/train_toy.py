@@ -54,8 +54,8 @@ from tokenprune.builtin.toyvqa import (
 
 SEED = 0
 BATCH = 32
-STEPS = 1500
-ALIGN_STEPS = 300
+STEPS = 2400
+ALIGN_STEPS = 400
 ALIGN_LR = 5e-3
 ALIGN_SEEDS = 10**6  # the alignment stage's batches: seeds ALIGN_SEEDS + step
 LR = 2e-3
@@ -68,7 +68,11 @@ TURNS = 4
 
 
 def build_model(processor: LlavaProcessor) -> LlavaForConditionalGeneration:
-    """The untrained toy LLaVA, seeded: a 2-layer CLIP tower read after its first layer, a 4-layer Llama."""
+    """The untrained toy LLaVA, seeded: a 4-layer CLIP tower read after its third layer, a 4-layer Llama.
+
+    Vision layers 0 and 1 lie inside the tower, before the layer the projector reads, so pruning in
+    the tower and pruning before the language model are different sites.
+    """
     tokenizer = processor.tokenizer
     text = LlamaConfig(
         vocab_size=64,
@@ -86,7 +90,7 @@ def build_model(processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     vision = CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=4,
         num_attention_heads=2,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,

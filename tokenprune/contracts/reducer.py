@@ -40,6 +40,8 @@ class Signals:
       receives, from the last real query token (`"last"`, FastV's reference code), averaged over all
       real query tokens (`"mean"`, FastV's paper text) or from the class token (`"class"`, ViT sites).
     - `keys()`: [B, L, d] float32 keys of the site's attention layer averaged over heads (ToMe's metric).
+    Every signal is float32 whatever the model's dtype: `get` casts a provider's result once, so
+    scores and similarities never round in bfloat16 or float16 and no strategy casts them itself.
     """
 
     def __init__(self, providers: Mapping[str, Callable[..., Tensor]] | None = None) -> None:
@@ -58,7 +60,7 @@ class Signals:
             raise SignalUnavailable(f"signal {name!r} is not available at this site (available: {offered})")
         key = (name, tuple(sorted(options.items())))
         if key not in self._cache:
-            self._cache[key] = self._providers[name](**options)
+            self._cache[key] = self._providers[name](**options).float()
         return self._cache[key]
 
     def attention(self, query: QueryRows = "last") -> Tensor:
@@ -73,7 +75,7 @@ class TokenView:
     """The tokens entering one reduction site, batch-first, in current sequence order.
 
     Shapes: B samples, L tokens (left-filled with invalid slots when samples differ in length).
-    - hidden    [B, L, D]  hidden states entering the site
+    - hidden    [B, L, D]  hidden states entering the site, in the model's dtype (`features()`: float32)
     - candidates[B, L] bool  visual tokens that may be removed
     - valid     [B, L] bool  real tokens (False: padding or filler)
     - segment   [B, L] long  image/frame index of a visual token within its sample, -1 otherwise
@@ -104,6 +106,14 @@ class TokenView:
     frame_budget: Tensor | None = None
     sizes: Tensor | None = None
     site: Site = "language"
+    _features: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def features(self) -> Tensor:
+        """[B, L, D] float32 `hidden`, cast once per view: similarities between hidden states are
+        computed in float32 whatever the model's dtype (`hidden` itself stays in the compute dtype)."""
+        if self._features is None:
+            self._features = self.hidden.float()
+        return self._features
 
     def token_sizes(self) -> Tensor:
         """[B, L] float32: how many original tokens each token stands for (1 until something merges)."""

@@ -1,5 +1,9 @@
 """Samples as model inputs: prompts from the template, the processor's left-padded batches, and back.
 
+A batch carries its samples' ids, questions and answers (the per-sample predictions of a results row
+name them), and each sample's reference-answer token: the first token of its first answer as the
+prompt continues, whose first-step log-probability a cell records.
+
 Batches stay on the CPU: `Batch.on(device)` moves one batch at a time to the model, so a run holds
 one batch on the device, never the whole dataset. `model_view` turns a batch's pixels back into the
 first image as the vision tower sees it (the background of the survival maps).
@@ -24,11 +28,15 @@ IMAGE_MARK = "<image>"
 
 @dataclass
 class Batch:
-    """Processor outputs of a few samples (left-padded, on the CPU), their answers and real token counts."""
+    """Processor outputs of a few samples (left-padded, on the CPU), what each sample is and asks, its
+    accepted answers, its real token count and its reference-answer token (None: none to score)."""
 
     inputs: dict[str, Tensor]
+    ids: list[str]
+    questions: list[str]
     answers: list[list[str]]
     tokens: list[int]
+    answer_tokens: list[int | None]
 
     def on(self, device: torch.device) -> dict[str, Tensor]:
         """The inputs on `device`: a copy for one forward or generation, freed when the caller drops it."""
@@ -44,17 +52,54 @@ def make_batches(loaded: Loaded, samples: Sequence[Sample], batch_size: int) -> 
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
+        texts = [prompt_text(loaded, s) for s in chunk]
         inputs = loaded.processor(
             images=[image for s in chunk for image in s.images],
-            text=[prompt_text(loaded, s) for s in chunk],
+            text=texts,
             padding=True,
             padding_side="left",
             return_tensors="pt",
         )
         inputs = {k: v.cpu() for k, v in inputs.items()}
         tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        batches.append(Batch(inputs, [s.answers for s in chunk], tokens))
+        answer_tokens = [
+            answer_token(loaded.processor, text, s.answers[0]) for text, s in zip(texts, chunk, strict=True)
+        ]
+        batches.append(
+            Batch(
+                inputs=inputs,
+                ids=[s.id for s in chunk],
+                questions=[s.question for s in chunk],
+                answers=[s.answers for s in chunk],
+                tokens=tokens,
+                answer_tokens=answer_tokens,
+            )
+        )
     return batches
+
+
+def answer_token(processor: Any, prompt: str, answer: str) -> int | None:
+    """The first token of `answer` as it continues `prompt` (the token a first step would have to pick).
+
+    The answer follows the prompt after a space unless the prompt ends in whitespace (a chat
+    template's `assistant\n`); the token is the first where the tokenised prompt and the tokenised
+    prompt + answer part. None when they part inside the prompt (the answer merges with its last
+    token) or the answer adds no token.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    separator = "" if prompt[-1:].isspace() else " "
+    alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt + separator + answer, add_special_tokens=False)["input_ids"]
+    common = _common_prefix(alone, whole)
+    return whole[common] if common == len(alone) < len(whole) else None
+
+
+def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens two token lists share."""
+    for position, (a, b) in enumerate(zip(first, second, strict=False)):
+        if a != b:
+            return position
+    return min(len(first), len(second))
 
 
 def prompt_text(loaded: Loaded, sample: Sample) -> str:

@@ -7,15 +7,25 @@ file and the field (or the line and column of a syntax error).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import tokenprune as tp
 from tokenprune.config import read_mapping
 from tokenprune.errors import ConfigError, UnknownNameError, describe_errors
+from tokenprune.lab.datasets import LMMS_EVAL_SOURCE
 from tokenprune.lab.loading import DEFAULT_MAX_NEW_TOKENS, DType
 
 MIN_DECODE_TOKENS = 32  # decode is timed over at least this many new tokens (one step is too short to time)
@@ -52,16 +62,30 @@ class ModelSpec(BaseModel):
 
 
 class DatasetSpec(BaseModel):
-    """Which samples are asked: a builtin task, a JSONL file or a `datasets` folder, and how many."""
+    """Which samples are asked: a builtin task, a JSONL file, a `datasets` folder or lmms-eval's tasks."""
 
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
-        "builtin:toy-vqa", description="builtin:toy-vqa, a .jsonl file or a save_to_disk folder"
+        "builtin:toy-vqa",
+        description="builtin:toy-vqa, a .jsonl file or a save_to_disk folder (relative to the config "
+        f"file's folder), or {LMMS_EVAL_SOURCE} (its `tasks`)",
     )
     split: str = Field("test", description="split of a builtin task or of a DatasetDict folder")
     limit: int | None = Field(64, ge=1, description="the first `limit` samples; None: all (not for builtins)")
     seed: int = Field(0, description="seed of a generated builtin task")
+    tasks: list[str] = Field(
+        default_factory=list, description="lmms-eval tasks, with `source: lmms-eval` (`limit` per task)"
+    )
+
+    @model_validator(mode="after")
+    def _tasks_with_lmms_eval(self) -> DatasetSpec:
+        """lmms-eval's tasks are named with its source, and only with it."""
+        if self.source == LMMS_EVAL_SOURCE and not self.tasks:
+            raise ValueError(f"source {LMMS_EVAL_SOURCE} runs lmms-eval tasks: list them in `tasks`")
+        if self.tasks and self.source != LMMS_EVAL_SOURCE:
+            raise ValueError(f"`tasks` are lmms-eval's: give them with `source: {LMMS_EVAL_SOURCE}`")
+        return self
 
 
 class GenerationSpec(BaseModel):
@@ -116,8 +140,32 @@ class StrategySite(BaseModel):
         return self
 
 
+class ExtraCell(tp.ReductionConfig):
+    """A cell outside the grid's product, written as any ReductionConfig.
+
+    It remembers whether its params set `seed`: a cell that does not gets one cell per entry of
+    the config's `seeds` (for strategies with a seed), as the product's cells do.
+    """
+
+    _sets_seed: bool = PrivateAttr(True)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_seed(cls, data: Any, handler: ModelWrapValidatorHandler[ExtraCell]) -> ExtraCell:
+        """Validate as a ReductionConfig, noting whether the written params name a seed."""
+        cell = handler(data)
+        if isinstance(data, Mapping):
+            cell._sets_seed = "seed" in (data.get("params") or {})
+        return cell
+
+    @property
+    def sets_seed(self) -> bool:
+        """Whether the config gave this cell's seed (else each of the config's `seeds` runs)."""
+        return self._sets_seed
+
+
 class GridSpec(BaseModel):
-    """The cells: strategies x layers x budgets x params (each param a list of values), plus `extra`.
+    """The cells: strategies x sites x layers x budgets x params (each param a list of values), plus `extra`.
 
     Budgets are `ratios` (fractions of visual tokens removed) and `keeps` (visual tokens kept per
     sample, the literature's 64 / 128 / 192 of 576); a grid with neither runs R = 0.5.
@@ -132,14 +180,15 @@ class GridSpec(BaseModel):
     layers: list[int] = Field([2], min_length=1)
     ratios: list[float] = Field(default_factory=list)
     keeps: list[int] = Field(default_factory=list, description="visual tokens kept per sample")
-    sites: dict[str, StrategySite] = Field(
-        default_factory=dict, description="per strategy: its site and layers, instead of `layers`"
+    sites: dict[str, Annotated[list[StrategySite], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="per strategy: its site and layers instead of `layers`; a list: cells at each site",
     )
     params: dict[str, dict[str, list[Any]]] = Field(
         default_factory=dict, description="per strategy, per parameter: the values to try"
     )
     budget: Literal["sample", "per_frame"] = "sample"
-    extra: list[tp.ReductionConfig] = Field(default_factory=list, description="cells outside the product")
+    extra: list[ExtraCell] = Field(default_factory=list, description="cells outside the product")
 
     @field_validator("strategies")
     @classmethod
@@ -183,11 +232,17 @@ class GridSpec(BaseModel):
         if not isinstance(params, dict):
             return params
         return {
-            name: {k: v if isinstance(v, list) else [v] for k, v in values.items()}
-            if isinstance(values, dict)
-            else values
+            name: {k: _as_list(v) for k, v in values.items()} if isinstance(values, dict) else values
             for name, values in params.items()
         }
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _site_lists(cls, sites: Any) -> Any:
+        """A single site stands for a list of one."""
+        if not isinstance(sites, dict):
+            return sites
+        return {name: _as_list(where) for name, where in sites.items()}
 
     @model_validator(mode="after")
     def _cells_valid(self) -> GridSpec:
@@ -227,15 +282,37 @@ class GridSpec(BaseModel):
         """Each budget of the grid as Stage fields: `{"ratio": R}` then `{"keep": n}`."""
         return [{"ratio": r} for r in self.ratios] + [{"keep": k} for k in self.keeps]
 
+    def sites_of(self, strategy: str) -> list[StrategySite]:
+        """Where the product cells of `strategy` reduce: its `sites`, else the decoder `layers`."""
+        return self.sites.get(strategy, [StrategySite()])
+
     def combinations(self, strategy: str) -> Iterator[tuple[tp.Stage, dict[str, Any]]]:
-        """(stage, params) of every product cell of `strategy`."""
-        where = self.sites.get(strategy, StrategySite())
+        """(stage, params) of every product cell of `strategy`: per site, layer, budget and params."""
+        places = [
+            (where.site, layer) for where in self.sites_of(strategy) for layer in where.layers or self.layers
+        ]
         grid = self.params.get(strategy, {})
-        for layer, budget, values in itertools.product(
-            where.layers or self.layers, self.budgets(), itertools.product(*grid.values())
+        for (site, layer), budget, values in itertools.product(
+            places, self.budgets(), itertools.product(*grid.values())
         ):
-            stage = tp.Stage(layer=layer, site=where.site, **budget)
-            yield stage, dict(zip(grid, values, strict=True))
+            yield tp.Stage(layer=layer, site=site, **budget), dict(zip(grid, values, strict=True))
+
+    def named_layers(self, site: Literal["language", "vision"]) -> dict[str, set[int]]:
+        """The layers of `site` each field of the grid names (`grid.layers`, `grid.sites.<name>.<i>.layers`,
+        `grid.extra`), for checks against the model's depth that name the field to fix."""
+        named: dict[str, set[int]] = {}
+        for name in self.active_strategies():
+            for number, where in enumerate(self.sites_of(name)):
+                if where.site == site:
+                    field = "grid.layers" if where.layers is None else f"grid.sites.{name}.{number}.layers"
+                    named.setdefault(field, set()).update(where.layers or self.layers)
+        extra = {stage.layer for cell in self.extra for stage in cell.stages if stage.site == site}
+        return named | ({"grid.extra": extra} if extra else {})
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A list as it is; any other value as a list of one."""
+    return value if isinstance(value, list) else [value]
 
 
 def _check_layer_zero(reduction: tp.ReductionConfig, where: str) -> None:
@@ -260,7 +337,9 @@ class AblationConfig(BaseModel):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     batch_size: int = Field(16, ge=1)
-    seeds: list[int] = Field([0], min_length=1, description="one cell per seed for strategies with a seed")
+    seeds: list[int] = Field(
+        [0], min_length=1, description="one cell per seed for strategies with a seed (unless a cell sets it)"
+    )
     timing: TimingSpec = Field(default_factory=TimingSpec)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
     grid: GridSpec

@@ -5,15 +5,20 @@ Every source yields `Sample`s: an id, the images (PIL, RGB), the question and th
 - `builtin:toy-vqa`: generated on the fly (`tokenprune.builtin.toyvqa`), nothing read from disk.
 - A JSONL file: one object per line with `image` (a path, or a list of paths, relative to the
   file's folder), `question`, and `answers` (a list) or `answer` (a string); `id` is optional.
+  A config's relative dataset path is relative to the config file's folder (`resolve_source`).
 - A folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict`): the same columns, images
   as an `Image` feature or paths. The `datasets` package is imported only for such a folder.
+
+`contents_digest` hashes samples as loaded (a run's fingerprint and its cell keys hold it);
+`preview` checks a source's first records without opening an image (`tokenprune.lab.checks`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from tokenprune.builtin.models import builtin_dataset
 from tokenprune.errors import ConfigError, describe_errors
 
 BUILTIN_PREFIX = "builtin:"
+LMMS_EVAL_SOURCE = "lmms-eval"  # a grid over lmms-eval tasks (`tokenprune.lab.lmms_bench`): no samples
 
 
 @dataclass
@@ -64,6 +70,8 @@ def load_samples(source: str, split: str, limit: int | None, seed: int = 0) -> l
     """The first `limit` samples (all when None) of a built-in task, a JSONL file or a `datasets` folder."""
     if source.startswith(BUILTIN_PREFIX):
         return builtin_samples(source, split, limit, seed)
+    if source == LMMS_EVAL_SOURCE:
+        raise ConfigError(f"dataset {source!r}: its tasks are read by lmms-eval, not as samples")
     path = Path(source)
     if path.is_file():
         return jsonl_samples(path, limit)
@@ -88,14 +96,30 @@ def builtin_samples(name: str, split: str, limit: int | None, seed: int = 0) -> 
 
 def jsonl_samples(path: Path, limit: int | None = None) -> list[Sample]:
     """Samples of a JSONL file; image paths are relative to the file's folder. Errors name file and line."""
+    samples = [
+        Sample(
+            record.id or str(number),
+            [_open_image(image, where) for image in images],
+            record.question,
+            record.answers,
+        )
+        for number, where, record, images in _jsonl_records(path, limit)
+    ]
+    if not samples:
+        raise ConfigError(f"dataset {path} has no samples")
+    return samples
+
+
+def _jsonl_records(path: Path, limit: int | None) -> Iterator[tuple[int, str, Record, list[Path]]]:
+    """(line number, `file line N`, record, image paths) of the first `limit` records of a JSONL file."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read dataset {path}: {exc}") from exc
-    samples: list[Sample] = []
+    count = 0
     for number, line in enumerate(lines, start=1):
-        if limit is not None and len(samples) == limit:
-            break
+        if limit is not None and count == limit:
+            return
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -104,11 +128,8 @@ def jsonl_samples(path: Path, limit: int | None = None) -> list[Sample]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from exc
         record = _record(data, where)
-        images = [_open_image(path.parent / str(item), where) for item in record.images]
-        samples.append(Sample(record.id or str(number), images, record.question, record.answers))
-    if not samples:
-        raise ConfigError(f"dataset {path} has no samples")
-    return samples
+        count += 1
+        yield number, where, record, [path.parent / str(item) for item in record.images]
 
 
 def saved_dataset_samples(path: Path, split: str, limit: int | None = None) -> list[Sample]:
@@ -171,3 +192,50 @@ def _open_image(path: Path, where: str) -> Image.Image:
             return image.convert("RGB")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{where}: cannot open image {path}: {exc}") from None
+
+
+def resolve_source(source: str, folder: Path) -> str:
+    """A dataset path relative to the config file's `folder` (builtins, lmms-eval, absolute: as given)."""
+    if source.startswith(BUILTIN_PREFIX) or source == LMMS_EVAL_SOURCE:
+        return source
+    path = Path(source).expanduser()
+    return str(path if path.is_absolute() else folder / path)
+
+
+def contents_digest(samples: Sequence[Sample]) -> str:
+    """A hash of the samples as loaded: ids, questions, answers, each image's mode, size and pixels.
+
+    Not the path: an edited answer or image changes it, a moved or re-encoded (same pixels) file does not.
+    """
+    hasher = hashlib.sha256()
+    for sample in samples:
+        hasher.update(json.dumps([sample.id, sample.question, sample.answers]).encode())
+        for image in sample.images:
+            hasher.update(f"{image.mode} {image.size}".encode())
+            hasher.update(image.tobytes())
+    return hasher.hexdigest()[:16]
+
+
+def preview(source: str, split: str, limit: int | None, seed: int = 0, count: int = 8) -> list[int]:
+    """Check the first `count` records of a source without decoding images: images per record.
+
+    Raises ConfigError naming the file and line (or row) of the first bad record, a missing path
+    or image, or an unknown builtin.
+    """
+    count = count if limit is None else min(count, limit)
+    if source.startswith(BUILTIN_PREFIX):
+        return [len(sample.images) for sample in builtin_samples(source, split, limit and count, seed)]
+    path = Path(source)
+    if path.is_dir():
+        return [len(sample.images) for sample in saved_dataset_samples(path, split, count)]
+    if not path.is_file():
+        load_samples(source, split, limit, seed)  # raises, saying what a source may be
+    counts = []
+    for _, where, _, images in _jsonl_records(path, count):
+        missing = [str(image) for image in images if not image.is_file()]
+        if missing:
+            raise ConfigError(f"{where}: no image file {', '.join(missing)}")
+        counts.append(len(images))
+    if not counts:
+        raise ConfigError(f"dataset {path} has no samples")
+    return counts

@@ -10,23 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import tokenprune as tp
 from tokenprune.errors import ConfigError
 from tokenprune.lab.config import AblationConfig
+from tokenprune.lab.datasets import contents_digest, load_samples
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration to measure: a reduction (None: the unreduced baseline) and a seed."""
+    """One configuration to measure: a reduction, its params as they run (None: the unreduced baseline)."""
 
     index: int
     reduction: tp.ReductionConfig | None
-    seed: int
     label: str
     key: str
+
+    @property
+    def seed(self) -> int | None:
+        """The strategy's `seed` parameter; None for the baseline and strategies without one."""
+        return None if self.reduction is None else self.reduction.params.get("seed")
 
     def config(self) -> dict[str, Any]:
         """The exact cell config, as recorded in its row and hashed into its key."""
@@ -34,57 +39,78 @@ class Cell:
         return {"reduction": reduction, "seed": self.seed}
 
 
-def expand_grid(config: AblationConfig) -> list[Cell]:
-    """Every cell in grid order, once: the baseline, the product per strategy, then the extra cells."""
+def expand_grid(config: AblationConfig, dataset: str | None = None) -> list[Cell]:
+    """Every cell in grid order, once: the baseline, the product per strategy, then the extra cells.
+
+    `dataset` is the digest of the samples' contents (`datasets.contents_digest`), part of every
+    key; None: the samples are loaded here to take it.
+    """
     grid = config.grid
-    specs: list[tuple[tp.ReductionConfig | None, dict[str, Any], int]] = [(None, {}, config.seeds[0])]
+    specs: list[tuple[tp.ReductionConfig | None, list[str]]] = [(None, [])]  # (reduction, params shown)
     for name in grid.active_strategies():
         for stage, params in grid.combinations(name):
             reduction = tp.ReductionConfig(strategy=name, stages=[stage], params=params, budget=grid.budget)
-            specs += _seeded(reduction, params, config.seeds)
-    for reduction in grid.extra:  # as written: one cell, its seed (if any) in its params
-        specs.append((reduction, _changed_params(reduction), reduction.params.get("seed", config.seeds[0])))
-    context = _context(config)
+            specs += _seeded(_resolved(reduction), list(params), config.seeds)
+    for extra in grid.extra:  # as written; one cell per seed unless its params set the seed
+        reduction = _resolved(extra)
+        shown = _changed_params(reduction)
+        specs += [(reduction, shown)] if extra.sets_seed else _seeded(reduction, shown, config.seeds)
+    context = _context(config, dataset)
     cells: dict[str, Cell] = {}
-    for reduction, shown, seed in specs:
-        draft = Cell(len(cells), reduction, seed, _label(reduction, shown, seed), "")
+    for reduction, shown in specs:
+        draft = Cell(len(cells), reduction, _label(reduction, shown), "")
         key = _hash({"cell": draft.config(), "context": context})
         if key not in cells:
-            cells[key] = Cell(draft.index, reduction, seed, draft.label, key)
+            cells[key] = replace(draft, key=key)
     return list(cells.values())
 
 
+def _resolved(reduction: tp.ReductionConfig) -> tp.ReductionConfig:
+    """The reduction with its params as they run (what rows record, labels show and keys hash)."""
+    return reduction.model_copy(
+        update={"params": _resolve_params(reduction.strategy, reduction.params, reduction.stages)}
+    )
+
+
+def _resolve_params(strategy: str, params: dict[str, Any], stages: Sequence[tp.Stage]) -> dict[str, Any]:
+    """Every parameter of `strategy` as it runs: the Params model's defaults filled in and, when all
+    `stages` share one site and the model has `resolved(site)`, each None that stands for a default
+    of that site replaced by it (the model's own word on what its None means)."""
+    model = tp.strategy_class(strategy).Params(**params)
+    sites = {stage.site for stage in stages}
+    if len(sites) == 1 and hasattr(model, "resolved"):
+        model = model.resolved(*sites)
+    return model.model_dump()
+
+
 def _seeded(
-    reduction: tp.ReductionConfig, shown: dict[str, Any], seeds: list[int]
-) -> list[tuple[tp.ReductionConfig, dict[str, Any], int]]:
+    reduction: tp.ReductionConfig, shown: list[str], seeds: list[int]
+) -> list[tuple[tp.ReductionConfig, list[str]]]:
     """One cell per seed when the strategy has a `seed` parameter the grid leaves free, else one."""
-    fields = tp.strategy_class(reduction.strategy).Params.model_fields
-    if "seed" not in fields or "seed" in shown:
-        return [(reduction, shown, seeds[0])]
-    return [
-        (reduction.model_copy(update={"params": {**reduction.params, "seed": seed}}), shown, seed)
-        for seed in seeds
-    ]
+    if "seed" not in reduction.params or "seed" in shown:
+        return [(reduction, shown)]
+    return [(reduction.model_copy(update={"params": {**reduction.params, "seed": s}}), shown) for s in seeds]
 
 
-def _changed_params(reduction: tp.ReductionConfig) -> dict[str, Any]:
-    """The params of an extra cell that differ from the strategy's defaults (those its label shows)."""
-    defaults = tp.strategy_class(reduction.strategy).Params().model_dump()
-    return {k: v for k, v in reduction.params.items() if defaults.get(k, object()) != v}
+def _changed_params(reduction: tp.ReductionConfig) -> list[str]:
+    """The params of an extra cell that differ from the strategy's defaults at its site (the label's)."""
+    defaults = _resolve_params(reduction.strategy, {}, reduction.stages)
+    return [k for k, v in reduction.params.items() if defaults.get(k, object()) != v]
 
 
-def _label(reduction: tp.ReductionConfig | None, shown: dict[str, Any], seed: int) -> str:
+def _label(reduction: tp.ReductionConfig | None, shown: list[str]) -> str:
     """A short name: `fastv K=2 R=0.75 score=mean`, `random K=2 keep=64 seed=1`, `baseline`.
 
-    Vision-tower stages show as `K=v22` (the output of vision layer 22).
+    Vision-tower stages show as `K=v22` (the output of vision layer 22); then the params in `shown`
+    and the seed (of strategies with one), with the values they run with.
     """
     if reduction is None:
         return "baseline"
     layers = ",".join(str(s.layer) if s.site == "language" else f"v{s.layer}" for s in reduction.stages)
     parts = [reduction.strategy, f"K={layers}", _budgets(reduction.stages)]
-    parts += [f"{k}={v}" for k, v in shown.items()]
-    if "seed" in tp.strategy_class(reduction.strategy).Params.model_fields and "seed" not in shown:
-        parts.append(f"seed={seed}")
+    parts += [f"{k}={reduction.params[k]}" for k in shown]
+    if "seed" in reduction.params and "seed" not in shown:
+        parts.append(f"seed={reduction.params['seed']}")
     if reduction.budget != "sample":
         parts.append(reduction.budget)
     if reduction.token_order != "reference":
@@ -103,12 +129,18 @@ def _budgets(stages: Sequence[tp.Stage]) -> str:
     return ",".join(f"R={s.ratio:g}" if s.ratio is not None else f"keep={s.keep}" for s in stages)
 
 
-def _context(config: AblationConfig) -> dict[str, Any]:
-    """What else changes a cell's results: model, prompt, data, generation, batch size."""
+def _context(config: AblationConfig, dataset: str | None = None) -> dict[str, Any]:
+    """What else changes a cell's results: model, prompt, the data's contents, generation, batch size.
+
+    The data enters by the digest of its samples as loaded (None: loaded here), never by its path.
+    """
+    if dataset is None:
+        spec = config.dataset
+        dataset = contents_digest(load_samples(spec.source, spec.split, spec.limit, spec.seed))
     model = config.model.model_dump(include={"source", "dtype", "attn_implementation", "adapter", "prompt"})
     return {
         "model": model,
-        "dataset": config.dataset.model_dump(),
+        "dataset": dataset,
         "generation": config.generation.model_dump(),
         "batch_size": config.batch_size,
     }

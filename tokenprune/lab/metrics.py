@@ -4,7 +4,9 @@ model, its prefill FLOPs, the visual tokens it kept, and where the first image's
 Accuracy: the greedy answer against the sample's answers after `normalize_answer`: exact match, and
 contains-match (an answer appears in it as whole words). Fidelity against the unreduced model on the
 same inputs: first-token top-1 agreement, KL of the first-token distribution (unreduced || reduced),
-exact match of the greedy continuation.
+exact match of the greedy continuation. Per sample, beside the answer: the first-step log-probability
+of the reference answer's first token (`tokenprune.lab.batches.answer_token`), how sure the cell was
+of the right start.
 
 Memory: one batch at a time is on the device; of a generation a cell keeps per-sample numbers only.
 The unreduced run alone keeps its first-token log-probabilities ([N, V] float32, on the CPU), the
@@ -26,6 +28,7 @@ from tokenprune.builtin.toyvqa import normalize_answer
 from tokenprune.flops import tower_flops, trace_flops
 from tokenprune.lab.batches import Batch
 from tokenprune.lab.loading import Loaded, attached
+from tokenprune.lab.machine_lock import computing
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Outputs:
     visual_before: list[int]
     visual_after: list[int]
     survival: dict[str, Any] | None = None
+    answer_logprobs: list[float | None] = field(default_factory=list)  # the reference answer's first token
     logprobs: Tensor | None = field(default=None, repr=False)  # [N, V] on the CPU: the unreduced run only
 
 
@@ -71,6 +75,7 @@ def evaluate(
     return _concat(parts)
 
 
+@computing()  # waits while another process times, so its timing is not spoiled
 def _batch_outputs(
     loaded: Loaded, batch: Batch, reduction: tp.ReductionConfig | None, survival: bool
 ) -> Outputs:
@@ -100,8 +105,21 @@ def _batch_outputs(
         visual_before=language[0].visual_before if language else n_visual,
         visual_after=language[-1].visual_after if language else n_visual,
         survival=survival_map(loaded.adapter, inputs, trace) if survival else None,
+        answer_logprobs=answer_logprobs(logprobs, batch.answer_tokens),
         logprobs=logprobs,
     )
+
+
+def answer_logprobs(logprobs: Tensor, tokens: Sequence[int | None]) -> list[float | None]:
+    """Per sample, the first-step log-probability of its reference-answer token ([n, V] log-probs).
+
+    None where the sample has no such token or the token is outside the model's vocabulary.
+    """
+    vocabulary = logprobs.shape[-1]
+    return [
+        None if token is None or token >= vocabulary else logprobs[row, token].item()
+        for row, token in enumerate(tokens)
+    ]
 
 
 def sample_tower_flops(loaded: Loaded, inputs: dict[str, Tensor], trace: list) -> list[int] | None:
@@ -169,6 +187,7 @@ def _concat(parts: list[Outputs]) -> Outputs:
         visual_before=[x for p in parts for x in p.visual_before],
         visual_after=[x for p in parts for x in p.visual_after],
         survival=parts[0].survival,
+        answer_logprobs=[x for p in parts for x in p.answer_logprobs],
         logprobs=torch.cat(logprobs) if len(logprobs) == len(parts) else None,
     )
 
@@ -203,13 +222,23 @@ def survival_map(adapter: tp.Adapter, inputs: dict[str, Tensor], trace: list) ->
 
 def accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
     """Exact match and contains-match (an answer's words appear together) after `normalize_answer`."""
-    exact = contains = 0
+    contains = 0
     for prediction, accepted in zip(predictions, answers, strict=True):
         said = normalize_answer(prediction)
-        wanted = {normalize_answer(a) for a in accepted}
-        exact += said in wanted
-        contains += any(f" {w} " in f" {said} " for w in wanted if w)
-    return {"accuracy_exact": exact / len(answers), "accuracy_contains": contains / len(answers)}
+        contains += any(f" {w} " in f" {said} " for w in {normalize_answer(a) for a in accepted} if w)
+    exact = exact_matches(predictions, answers)
+    return {"accuracy_exact": sum(exact) / len(answers), "accuracy_contains": contains / len(answers)}
+
+
+def exact_matches(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> list[bool]:
+    """Per sample, whether the prediction equals an accepted answer after `normalize_answer`.
+
+    What `accuracy_exact` counts, sample by sample (the per-sample `correct` of a row).
+    """
+    return [
+        normalize_answer(prediction) in {normalize_answer(a) for a in accepted}
+        for prediction, accepted in zip(predictions, answers, strict=True)
+    ]
 
 
 def fidelity(outputs: Outputs, reference: Outputs) -> dict[str, float]:

@@ -4,9 +4,14 @@ A run folder holds `results.jsonl` (or `results.shard-I-of-N.jsonl` for shard I 
 never write one file). Each line is written by a single `write` on a file opened for appending,
 then flushed to disk: a line is either whole or a torn tail. Reading drops any line that is not
 a JSON object with a `key` (with a warning, never an error); before its first append, a writer
-cuts its own file back to its last whole line. Rows of every results file of one or
-more folders merge by `key` (the hash of the cell config), the latest line winning. A cell that
-raised has a row with its `error` and no measurements.
+cuts its own file back to its last whole line. A cell that raised has a row with its `error` and
+no measurements.
+
+Rows of every results file of one or more folders merge by `key` (the hash of the cell config and
+of what it is measured on), one row per key, by one rule (`merge`): a measured row beats a row
+with an error; among those, the latest `finished_at` wins; at equal times, the last one read
+(files in the order given, lines in file order). A key with rows in several files (shards or
+folders that overlap) is a duplicate: `Merged.notes` says which rows it found and which it kept.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +65,47 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return row if isinstance(row, dict) and isinstance(row.get("key"), str) else None
 
 
-def merge_rows(files: Iterable[Path]) -> list[dict[str, Any]]:
-    """Rows of several results files, one per `key` (the last one read wins), in grid order."""
-    merged: dict[str, dict[str, Any]] = {}
+@dataclass(frozen=True)
+class Merged:
+    """The rows of several results files, one per key in grid order; where each came from; duplicates."""
+
+    rows: list[Row]
+    origin: dict[str, Path]  # key -> the results file of the row kept
+    notes: list[str]  # one per key found in several files: the rows found, the one kept and why
+
+
+def merge(files: Iterable[Path]) -> Merged:
+    """One row per key: measured over error, then the latest `finished_at`, then the last read."""
+    found: dict[str, list[tuple[Row, Path]]] = {}
     for path in files:
         for row in read_rows(path):
-            merged[row["key"]] = row
-    return sorted(merged.values(), key=lambda row: (row.get("index", 0), row["key"]))
+            found.setdefault(row["key"], []).append((row, path))
+    kept = {key: max(enumerate(rows), key=_rank)[1] for key, rows in found.items()}
+    notes = [_duplicate_note(rows, kept[key]) for key, rows in found.items() if len({p for _, p in rows}) > 1]
+    order = sorted(kept.values(), key=lambda pair: (pair[0].get("index", 0), pair[0]["key"]))
+    return Merged([row for row, _ in order], {key: path for key, (_, path) in kept.items()}, notes)
+
+
+def _rank(item: tuple[int, tuple[Row, Path]]) -> tuple[bool, str, int]:
+    """Measured before error, then the later `finished_at` (ISO text, UTC), then the later read."""
+    order, (row, _) = item
+    return "error" not in row, str(row.get("finished_at") or ""), order
+
+
+def _duplicate_note(rows: list[tuple[Row, Path]], kept: tuple[Row, Path]) -> str:
+    """`duplicate cell LABEL (key K): N rows in A, B; kept the one of B (measured, finished T)`."""
+    row, path = kept
+    files = ", ".join(dict.fromkeys(str(p) for _, p in rows))
+    state = "with an error" if "error" in row else "measured"
+    return (
+        f"duplicate cell {row.get('label', '?')} (key {row['key']}): {len(rows)} rows in {files}; "
+        f"kept the one of {path} ({state}, finished {row.get('finished_at', '?')})"
+    )
+
+
+def merge_rows(files: Iterable[Path]) -> list[Row]:
+    """Rows of several results files, one per `key` (by `merge`'s rule), in grid order."""
+    return merge(files).rows
 
 
 def results_files(folders: Iterable[Path]) -> list[Path]:
@@ -81,14 +121,19 @@ class ResultStore:
         self.path = self.folder / results_name(shard)
         self._mended = False
 
-    def finished(self, timing: dict[str, Any]) -> set[str]:
-        """Keys of the cells measured, with the `timing` settings and method, by any run or shard here.
+    def finished(self, timing: dict[str, Any], fingerprint: str | None = None) -> set[str]:
+        """Keys of the cells measured here (any run or shard) with the `timing` settings and method and
+        under the run `fingerprint`.
 
-        A cell whose latest row records an `error`, or was timed otherwise (older rows have no
-        `timing`), is not finished: a rerun measures it again and its new row replaces the old.
+        A cell whose kept row records an `error`, was timed otherwise (older rows have no `timing`)
+        or carries another fingerprint is not finished: a rerun measures it again and its new row
+        replaces the old.
         """
-        rows = merge_rows(results_files([self.folder]))
-        return {row["key"] for row in rows if "error" not in row and row.get("timing") == timing}
+        return {
+            row["key"]
+            for row in merge_rows(results_files([self.folder]))
+            if "error" not in row and row.get("timing") == timing and row.get("fingerprint") == fingerprint
+        }
 
     def append(self, row: dict[str, Any]) -> None:
         """Add one row as one line: one `write` in append mode, then `fsync`, under an exclusive lock.

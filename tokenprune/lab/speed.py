@@ -4,8 +4,11 @@
 `tokenprune ablate`): greedy generations of the baseline and the reduced model, back to back in
 order-alternating pairs (`timing.alternate`), each timed step by step (`timing.time_generation`);
 prefill and decode each report the median of the per-pair ratios and its interquartile range.
-`time_cell` adds the ablation's memory columns (KV cache, CUDA peak) and the strategy's own time,
-each from one untimed pass, and the flags of a measurement not to print.
+`footprint` adds the ablation's memory columns (KV cache, CUDA peak) and the strategy's own time,
+each from one untimed pass; `flags` names what makes a measurement not fit to print.
+`paired_generation` and `footprint` run alone (`machine_lock.timing_alone`: no other tokenprune
+process computes meanwhile), and the pairs measure what other processes used all the same
+(`timing.others_during`), flagged above `OTHERS_CORES_LIMIT`.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from torch import Tensor, nn
 
 import tokenprune as tp
 from tokenprune.lab.loading import attached
+from tokenprune.lab.machine_lock import timing_alone
 from tokenprune.lab.timing import (
     NOISY_SPREAD,
+    OTHERS_CORES_LIMIT,
     GenerationTimes,
+    OthersLoad,
     PairedRatio,
     alternate,
+    others_during,
     summarize,
     synchronizer,
     time_generation,
@@ -37,6 +44,7 @@ class PairedSpeed:
     prefill: PairedRatio
     decode: PairedRatio
     steps: list[int]  # tokens each timed generation produced (all equal the tokens asked for when valid)
+    others: OthersLoad | None = None  # other processes' CPU use during the pairs; None: not measured
 
 
 @torch.no_grad()
@@ -57,16 +65,21 @@ def paired_generation(
         with attached(model, config, adapter):
             return time_generation(model, inputs, new_tokens, sync)
 
-    base, cell = alternate(lambda: run(None), lambda: run(reduction), repeats, warmup)
+    with timing_alone():
+        (base, cell), others = others_during(
+            lambda: alternate(lambda: run(None), lambda: run(reduction), repeats, warmup)
+        )
     return PairedSpeed(
         prefill=summarize([t.prefill_s for t in base], [t.prefill_s for t in cell]),
         decode=summarize([t.decode_s_per_token for t in base], [t.decode_s_per_token for t in cell]),
         steps=[t.steps for t in base + cell],
+        others=others,
     )
 
 
 def flags(speed: PairedSpeed, new_tokens: int) -> list[str]:
-    """Why a row's times should not be printed as they are: noisy pairs, or invalid measurements."""
+    """Why a row's times should not be printed as they are: noisy pairs, invalid measurements, or
+    other processes busy during the timing (or no way to tell, off Linux)."""
     found = []
     for name, ratio in (("prefill", speed.prefill), ("decode", speed.decode)):
         if not (ratio.baseline_s > 0 and ratio.variant_s > 0 and math.isfinite(ratio.ratio)):
@@ -75,7 +88,18 @@ def flags(speed: PairedSpeed, new_tokens: int) -> list[str]:
             found.append(f"{name}: spread {ratio.spread:.0%} > {NOISY_SPREAD:.0%}")
     if any(steps != new_tokens for steps in speed.steps):
         found.append(f"decode: a generation made {min(speed.steps)} of {new_tokens} tokens")
-    return found
+    return found + _load_flags(speed.others)
+
+
+def _load_flags(others: OthersLoad | None) -> list[str]:
+    """The flag of a timing that other processes competed with, or whose machine could not be read."""
+    if others is None:
+        return []
+    if others.cores is None:
+        return ["timing: other processes' CPU use cannot be read here (no /proc/stat)"]
+    if others.cores > OTHERS_CORES_LIMIT:
+        return [f"timing: other processes used {others.cores:.2f} cores > {OTHERS_CORES_LIMIT}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -98,7 +122,7 @@ def footprint(
     """KV-cache bytes per sample, the CUDA peak of a generation, and the strategy's selection time."""
     device = next(model.parameters()).device
     sync = synchronizer(device)
-    with attached(model, reduction, adapter) as handle:
+    with timing_alone(), attached(model, reduction, adapter) as handle:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         out = model(**inputs, use_cache=True)

@@ -7,15 +7,18 @@ ratios with their interquartile range. A spread (IQR / median) above `NOISY_SPRE
 `now` is the one clock: it waits for the device's queued work (CUDA) before reading the time.
 `time_generation` times one `generate` call step by step with it (prefill, then decode per token),
 so that decode is measured directly and never as a difference of two noisy totals; `elapsed` times
-one plain call with it.
+one plain call with it. `others_during` measures what a ratio cannot cancel: the CPU other processes
+used while a timing ran (`tokenprune.lab.machine_lock` keeps tokenprune's own shards out of it).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -26,7 +29,10 @@ T = TypeVar("T")
 
 NOISY_SPREAD = 0.10  # a paired ratio whose IQR exceeds 10% of its median is flagged, not trusted
 # The version of the timing method, recorded in each ablation row: rows timed otherwise are re-measured.
-TIMING_METHOD = "paired-alternating-generation/1"
+# /2: timed alone (`machine_lock`), other processes' CPU use measured and flagged.
+TIMING_METHOD = "paired-alternating-generation/2"
+OTHERS_CORES_LIMIT = 0.25  # other processes' CPU use during a timing, in cores on average, that flags it
+PROC_STAT = Path("/proc/stat")
 
 
 @dataclass(frozen=True)
@@ -179,3 +185,47 @@ def synchronizer(device: torch.device | None = None) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+@dataclass(frozen=True)
+class OthersLoad:
+    """The CPU that other processes used during a timed section, in cores on average."""
+
+    cores: float | None  # None: the machine's CPU time cannot be read here (no /proc/stat)
+    wall_s: float  # the section's length
+
+
+def others_during(run: Callable[[], T]) -> tuple[T, OthersLoad]:
+    """The result of `run()` and the CPU every other process of the machine used meanwhile.
+
+    The machine's busy CPU time (`/proc/stat`) minus this process's own (`os.times`, children it
+    waited for included), over the wall-clock time. Both count in clock ticks (10 ms) per core: the
+    average is sound over sections of a second or more. Linux only: elsewhere `cores` is None.
+    """
+    machine_before, own_before, start = machine_cpu_s(), own_cpu_s(), time.perf_counter()
+    result = run()
+    machine_after, own_after, wall = machine_cpu_s(), own_cpu_s(), time.perf_counter() - start
+    if machine_before is None or machine_after is None or wall <= 0:
+        return result, OthersLoad(None, wall)
+    others = (machine_after - machine_before) - (own_after - own_before)
+    return result, OthersLoad(others / wall, wall)
+
+
+def machine_cpu_s() -> float | None:
+    """CPU seconds every process has used since boot (None: no `/proc/stat`, not Linux).
+
+    Busy time: user, nice, system, interrupts, and steal (a hypervisor running other machines on
+    our cores); not idle or I/O wait. Guest time is inside user and nice already.
+    """
+    try:
+        first_line = PROC_STAT.read_text().split("\n", 1)[0]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first_line.split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this process has used, with those of the children it has waited for."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from torch import Tensor
 
 BORDER = np.array([0.05, 0.05, 0.05])
@@ -55,14 +57,10 @@ def _borders(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def draw_groups(image: np.ndarray, groups: Tensor, grid: tuple[int, int], title: str = ""):
-    """A matplotlib figure: the image beside its merge groups (or kept patches)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(6, 3.2))
+def draw_groups(image: np.ndarray, groups: Tensor, grid: tuple[int, int], title: str = "") -> Figure:
+    """A matplotlib figure: the image beside its merge groups (or kept patches), with a legend."""
+    figure = Figure(figsize=(6, 3.6), layout="constrained")
+    left, right = figure.subplots(1, 2)
     left.imshow(image)
     left.set_title("input")
     right.imshow(group_image(image, groups, grid))
@@ -70,5 +68,22 @@ def draw_groups(image: np.ndarray, groups: Tensor, grid: tuple[int, int], title:
     right.set_title(f"{title} {kept}/{len(groups)} tokens".strip())
     for axis in (left, right):
         axis.axis("off")
-    figure.tight_layout()
+    figure.legend(handles=group_legend(groups), loc="outside lower center", ncols=3, fontsize="x-small")
     return figure
+
+
+def group_legend(groups: Tensor) -> list[Patch]:
+    """Legend patches for what the picture holds: merge groups, patches kept alone, removed patches."""
+    _, sizes = torch.unique(groups[groups >= 0], return_counts=True)
+    shown = [
+        (
+            bool((sizes > 1).any()),
+            Patch(facecolor="0.7", edgecolor=BORDER, label="merged: the group's mean colour"),
+        ),
+        (
+            bool((sizes == 1).any()),
+            Patch(facecolor="white", edgecolor="0.6", label="kept alone: its own colour"),
+        ),
+        (bool((groups < 0).any()), Patch(facecolor=str(REMOVED_DIMMING), label="removed: dimmed")),
+    ]
+    return [patch for present, patch in shown if present]
