@@ -263,8 +263,9 @@ def test_lmms_bench_runs_cells_through_lmms_eval(tmp_path):
     assert (tmp_path / SAMPLE_IMAGE).is_file()
 
 
-def test_an_ablation_over_lmms_eval_tasks_runs_resumes_and_reports(tmp_path, capsys):
-    """`tokenprune ablate` with `source: lmms-eval`: rows per cell, a resume that runs nothing, a report."""
+def test_an_ablation_over_lmms_eval_tasks_runs_in_shards_resumes_and_reports(tmp_path, capsys):
+    """`tokenprune ablate` with `source: lmms-eval`: two shards write their rows, a whole run then finds
+    every cell finished, and the report merges them."""
     config = {
         "name": "lmms",
         "output": str(tmp_path),
@@ -275,9 +276,14 @@ def test_an_ablation_over_lmms_eval_tasks_runs_resumes_and_reports(tmp_path, cap
     }
     path = tmp_path / "lmms.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert cli_main(["ablate", str(path)]) == 0
-    rows = read_rows(tmp_path / "lmms" / "results.jsonl")
-    assert [row["label"] for row in rows] == ["baseline", "fastv K=2 keep=8", "random K=2 keep=8 seed=0"]
+    for shard in ("0/2", "1/2"):
+        assert cli_main(["ablate", str(path), "--shard", shard, "--no-report"]) == 0
+    shards = [read_rows(tmp_path / "lmms" / f"results.shard-{i}-of-2.jsonl") for i in (0, 1)]
+    assert [[row["label"] for row in rows] for rows in shards] == [
+        ["baseline", "random K=2 keep=8 seed=0"],
+        ["fastv K=2 keep=8"],
+    ]
+    rows = sorted((row for rows in shards for row in rows), key=lambda row: row["index"])
     assert rows[0]["accuracy_exact"] == 1.0 and all(row["visual_tokens_after"] == 8 for row in rows[1:])
     assert cli_main(["ablate", str(path)]) == 0
     assert "3 already finished" in capsys.readouterr().err

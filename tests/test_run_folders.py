@@ -250,12 +250,10 @@ def test_rows_of_different_fingerprints_are_refused_in_one_table_unless_allowed(
     other = tmp_path / "other"
     shutil.copytree(folder, other)
     written = Fingerprint.read(other)
-    changed = Fingerprint({**written.parts, "dataset": {**written.parts["dataset"], "digest": "0" * 16}})
+    # other weights: the cell keys stay the same (they hold no model digest), the fingerprint does not
+    changed = Fingerprint({**written.parts, "model": {**written.parts["model"], "digest": "0" * 16}})
     (other / FINGERPRINT_FILE).write_text(changed.to_json())
-    rows = [
-        {**row, "key": row["key"] + "x", "fingerprint": changed.short}
-        for row in read_rows(other / "results.jsonl")
-    ]
+    rows = [{**row, "fingerprint": changed.short} for row in read_rows(other / "results.jsonl")]
     _write_rows(other, rows)
     with pytest.raises(ConfigError) as error:
         build_report([tmp_path / "one", other], tmp_path / "out")
@@ -264,7 +262,7 @@ def test_rows_of_different_fingerprints_are_refused_in_one_table_unless_allowed(
         f"rows of 2 run fingerprints in one table: {written.short} ({tmp_path / 'one'}); "
         f"{changed.short} ({other})" in message
     )
-    assert f"{other} against {tmp_path / 'one'}: dataset: digest" in message and "--allow-mixed" in message
+    assert f"{other} against {tmp_path / 'one'}: model: digest" in message and "--allow-mixed" in message
     assert not (tmp_path / "out").exists()
     assert (
         main(["report", str(tmp_path / "one"), str(other), "--out", str(tmp_path / "out"), "--allow-mixed"])
@@ -403,3 +401,18 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, checkpoint, dataset)
     assert 1 <= saved < 5 and "Traceback" not in err and "KeyboardInterrupt" not in err
     assert err.rstrip().splitlines()[-1] == f"{saved} of 5 cells saved; rerun the same command to resume"
     assert re.fullmatch(r"\[\d/5\] .*", err.rstrip().splitlines()[-2])  # progress lines, then that one
+
+
+def test_an_lmms_eval_source_without_lmms_eval_says_what_to_install(tmp_path, monkeypatch):
+    """Where the extra is not installed, a grid over lmms-eval tasks stops before anything runs."""
+    from importlib import metadata
+
+    def missing(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    path = tmp_path / "lmms.yaml"
+    grid = {"strategies": ["fastv"], "layers": [2], "keeps": [8]}
+    path.write_text(yaml.safe_dump({"dataset": {"source": "lmms-eval", "tasks": ["gqa"]}, "grid": grid}))
+    with pytest.raises(ConfigError, match=r"needs lmms-eval: pip install 'tokenprune-vlm\[lmms-eval\]'"):
+        run_ablation(path, output=tmp_path)

@@ -31,7 +31,7 @@ from matplotlib.transforms import Transform, offset_copy
 from PIL import Image
 
 from tokenprune.errors import ConfigError
-from tokenprune.lab.results import Row
+from tokenprune.lab.results import Row, cell_group, seedless_reduction
 
 SURVIVAL_PANELS = 8  # per strategy figure, the cells shown (by site, layer, then budget)
 SURVIVAL_SEEDS = 4  # per strategy figure, the seeds shown (a row of maps each)
@@ -173,7 +173,7 @@ def series(rows: Sequence[Row]) -> list[Series]:
     cells: dict[str, dict[str, list[Row]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row["strategy"] != "baseline":
-            cells[_variant_key(row)][_cell_key(row)].append(row)
+            cells[_variant_key(row)][cell_group(row)].append(row)
     groups = [[Point(tuple(seeds)) for seeds in points.values()] for points in cells.values()]
     names = _unique_names([points[0].rows[0] for points in groups])
     return [
@@ -182,19 +182,13 @@ def series(rows: Sequence[Row]) -> list[Series]:
     ]
 
 
-def _cell_key(row: Row) -> str:
-    """The reduction of a row's cell without its seed: rows of one cell, any seed, share it."""
-    reduction = row["cell"]["reduction"]
-    params = {k: v for k, v in reduction["params"].items() if k != "seed"}
-    return json.dumps({**reduction, "params": params}, sort_keys=True)
-
-
 def _variant_key(row: Row) -> str:
-    """The reduction of a row's cell without its seed and budgets: the cells of one series share it."""
-    reduction = json.loads(_cell_key(row))
+    """The reduction of a row's cell without its seed and budgets, and its run's fingerprint: the cells
+    of one series share it."""
+    reduction = seedless_reduction(row) or {}
     stages = [{k: v for k, v in stage.items() if k not in ("ratio", "keep")} for stage in reduction["stages"]]
     budgetless = {k: v for k, v in reduction.items() if k not in ("ratio", "keep")}
-    return json.dumps({**budgetless, "stages": stages}, sort_keys=True)
+    return json.dumps([{**budgetless, "stages": stages}, row.get("fingerprint")], sort_keys=True)
 
 
 def curve_name(label: str) -> str:

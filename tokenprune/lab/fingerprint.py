@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from tokenprune.builtin.models import TOY_LLAVA_DIR
 from tokenprune.errors import ConfigError
 from tokenprune.lab.config import AblationConfig, DatasetSpec
 from tokenprune.lab.datasets import Sample, contents_digest
-from tokenprune.lab.grid import Cell, _context
+from tokenprune.lab.grid import Cell, context, digest
 from tokenprune.lab.results import RESULTS_GLOB, Row, merge, results_files
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -46,11 +46,6 @@ BUILTIN_FOLDERS = {"builtin:toy-llava": TOY_LLAVA_DIR}  # builtins whose weights
 FULL_HASH_BYTES = 256 * 2**20  # files up to this size are hashed whole
 STRIDE_SAMPLES = 256  # a larger file: its size, its safetensors header and this many strided chunks
 CHUNK_BYTES = 64 * 2**10
-
-
-def digest(data: Any) -> str:
-    """A short stable hash of JSON-able data (16 hex digits of SHA-256)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- the parts --------------------------------------------------------------------------------------
@@ -64,17 +59,23 @@ def dataset_part(samples: Sequence[Sample], source: str) -> dict[str, Any]:
 def lmms_eval_part(spec: DatasetSpec) -> dict[str, Any]:
     """lmms-eval's tasks: their names, the limit and lmms-eval's version (their data is lmms-eval's to
     read; a task edited without a new lmms-eval version goes unseen)."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    tasks = {"tasks": spec.tasks, "limit": spec.limit, "lmms_eval": version("lmms-eval")}
+    try:
+        installed = version("lmms-eval")
+    except PackageNotFoundError:
+        raise ConfigError(
+            f"dataset source {spec.source!r} needs lmms-eval: pip install 'tokenprune-vlm[lmms-eval]'"
+        ) from None
+    tasks = {"tasks": spec.tasks, "limit": spec.limit, "lmms_eval": installed}
     return {"digest": digest(tasks), "source": spec.source, **tasks}
 
 
 def config_part(config: AblationConfig, cells: Sequence[Cell], dataset: str) -> dict[str, Any]:
     """The grid as resolved: each cell (label and config) and the context every cell's key holds."""
     listed = [{"label": cell.label, "cell": cell.config()} for cell in cells]
-    context = _context(config, dataset)
-    return {"digest": digest({"cells": listed, "context": context}), "cells": listed, "context": context}
+    shared = context(config, dataset)
+    return {"digest": digest({"cells": listed, "context": shared}), "cells": listed, "context": shared}
 
 
 def model_part(source: str) -> dict[str, Any]:
@@ -285,15 +286,15 @@ def move_aside(folder: Path) -> Path:
 # -- rows of several folders in one report -----------------------------------------------------------
 
 
-def check_mixing(rows: Iterable[Row], origin: dict[str, Path], allow_mixed: bool) -> list[str]:
+def check_mixing(rows: Sequence[Row], origin: Sequence[Path], allow_mixed: bool) -> list[str]:
     """Refuse rows of different fingerprints in one table (ConfigError naming folders and differences).
 
-    `origin` maps each row's key to the results file it came from. Rows written before fingerprints
+    `origin` holds each row's results file. Rows written before fingerprints
     count as one fingerprint of their own (`none`). With `allow_mixed`, the note the table carries.
     """
     folders: dict[str, set[Path]] = {}
-    for row in rows:
-        folders.setdefault(row.get("fingerprint") or "none", set()).add(origin[row["key"]].parent)
+    for row, path in zip(rows, origin, strict=True):
+        folders.setdefault(row.get("fingerprint") or "none", set()).add(path.parent)
     if len(folders) < 2:
         return []
     groups = [f"{short} ({', '.join(sorted(map(str, paths)))})" for short, paths in folders.items()]

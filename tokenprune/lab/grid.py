@@ -55,11 +55,11 @@ def expand_grid(config: AblationConfig, dataset: str | None = None) -> list[Cell
         reduction = _resolved(extra)
         shown = _changed_params(reduction)
         specs += [(reduction, shown)] if extra.sets_seed else _seeded(reduction, shown, config.seeds)
-    context = _context(config, dataset)
+    shared = context(config, dataset)
     cells: dict[str, Cell] = {}
     for reduction, shown in specs:
         draft = Cell(len(cells), reduction, _label(reduction, shown), "")
-        key = _hash({"cell": draft.config(), "context": context})
+        key = digest({"cell": draft.config(), "context": shared})
         if key not in cells:
             cells[key] = replace(draft, key=key)
     return list(cells.values())
@@ -129,7 +129,7 @@ def _budgets(stages: Sequence[tp.Stage]) -> str:
     return ",".join(f"R={s.ratio:g}" if s.ratio is not None else f"keep={s.keep}" for s in stages)
 
 
-def _context(config: AblationConfig, dataset: str | None = None) -> dict[str, Any]:
+def context(config: AblationConfig, dataset: str | None = None) -> dict[str, Any]:
     """What else changes a cell's results: model, prompt, the data's contents, generation, batch size.
 
     The data enters by the digest of its samples as loaded (None: loaded here), never by its path.
@@ -146,7 +146,7 @@ def _context(config: AblationConfig, dataset: str | None = None) -> dict[str, An
     }
 
 
-def _hash(data: dict[str, Any]) -> str:
+def digest(data: Any) -> str:
     """A short stable hash of JSON-able data (16 hex digits of SHA-256)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

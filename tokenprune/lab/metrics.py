@@ -94,7 +94,7 @@ def _batch_outputs(
     logprobs = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
     new = out.sequences[:, inputs["input_ids"].shape[1] :].cpu()
     del out  # the logits of every step and the device tensors go now, not at the next batch
-    n_visual = [] if language else _visual_counts(loaded.adapter, inputs)
+    n_visual = [] if language else visual_counts(loaded.adapter, inputs)
     return Outputs(
         first_tokens=logprobs.argmax(dim=-1).tolist(),
         first_token_kl=[0.0] * len(batch.tokens),
@@ -147,7 +147,7 @@ def first_token_kl(logprobs: Tensor, reference: Tensor) -> list[float]:
     return kl.sum(dim=-1).tolist()
 
 
-def _visual_counts(adapter: tp.Adapter, inputs: dict[str, Tensor]) -> list[int]:
+def visual_counts(adapter: tp.Adapter, inputs: dict[str, Tensor]) -> list[int]:
     """Visual tokens per sample as the adapter lays them out (the candidates a reduction sees).
 
     Whatever the placeholder ids (images, videos) and whichever tokens are not candidates (LLaVA-NeXT's

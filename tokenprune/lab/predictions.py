@@ -23,7 +23,7 @@ from typing import Any
 from tokenprune.errors import ConfigError
 from tokenprune.lab.batches import Batch
 from tokenprune.lab.metrics import Outputs, exact_matches
-from tokenprune.lab.results import Row
+from tokenprune.lab.results import Row, baseline_for
 
 LOGPROB_DECIMALS = 5  # 1e-5 nats: far below any difference worth reading, and a short JSON number
 
@@ -117,7 +117,7 @@ def sample_listing(rows: Sequence[Row], cell: str) -> str:
         f"{len(wrong)} of {len(mine.ids)} answers wrong (exact match)",
         *_sample_table(mine, wrong),
     ]
-    baseline = next((r for r in rows if r.get("strategy") == "baseline" and "error" not in r), None)
+    baseline = baseline_for(rows, row)
     if baseline is None or not has_predictions(baseline):
         return "\n".join([*lines, "", "no baseline row with per-sample predictions to compare with"])
     reference = SamplePredictions.of(baseline)

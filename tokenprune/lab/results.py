@@ -67,23 +67,28 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Merged:
-    """The rows of several results files, one per key in grid order; where each came from; duplicates."""
+    """The rows of several results files, one per cell and fingerprint in grid order; the results file
+    each came from; duplicates."""
 
     rows: list[Row]
-    origin: dict[str, Path]  # key -> the results file of the row kept
-    notes: list[str]  # one per key found in several files: the rows found, the one kept and why
+    origin: list[Path]  # per row of `rows`: the results file of the row kept
+    notes: list[str]  # one per cell found in several files: the rows found, the one kept and why
 
 
 def merge(files: Iterable[Path]) -> Merged:
-    """One row per key: measured over error, then the latest `finished_at`, then the last read."""
-    found: dict[str, list[tuple[Row, Path]]] = {}
+    """One row per key and fingerprint: measured over error, then the latest `finished_at`, then the last
+    read. Rows of one key but different fingerprints (another model, data or versions) are not
+    duplicates: both stay, for `fingerprint.check_mixing` to refuse or to note."""
+    found: dict[tuple[str, str], list[tuple[Row, Path]]] = {}
     for path in files:
         for row in read_rows(path):
-            found.setdefault(row["key"], []).append((row, path))
-    kept = {key: max(enumerate(rows), key=_rank)[1] for key, rows in found.items()}
-    notes = [_duplicate_note(rows, kept[key]) for key, rows in found.items() if len({p for _, p in rows}) > 1]
+            found.setdefault((row["key"], row.get("fingerprint") or ""), []).append((row, path))
+    kept = {cell: max(enumerate(rows), key=_rank)[1] for cell, rows in found.items()}
+    notes = [
+        _duplicate_note(rows, kept[cell]) for cell, rows in found.items() if len({p for _, p in rows}) > 1
+    ]
     order = sorted(kept.values(), key=lambda pair: (pair[0].get("index", 0), pair[0]["key"]))
-    return Merged([row for row, _ in order], {key: path for key, (_, path) in kept.items()}, notes)
+    return Merged([row for row, _ in order], [path for _, path in order], notes)
 
 
 def _rank(item: tuple[int, tuple[Row, Path]]) -> tuple[bool, str, int]:
@@ -104,8 +109,39 @@ def _duplicate_note(rows: list[tuple[Row, Path]], kept: tuple[Row, Path]) -> str
 
 
 def merge_rows(files: Iterable[Path]) -> list[Row]:
-    """Rows of several results files, one per `key` (by `merge`'s rule), in grid order."""
+    """Rows of several results files, one per key and fingerprint (by `merge`'s rule), in grid order."""
     return merge(files).rows
+
+
+def seedless_reduction(row: Row) -> dict[str, Any] | None:
+    """A row's reduction as recorded, without its `seed` parameter (None: the baseline)."""
+    reduction = row["cell"]["reduction"]
+    if reduction is None:
+        return None
+    return {**reduction, "params": {k: v for k, v in (reduction.get("params") or {}).items() if k != "seed"}}
+
+
+def cell_group(row: Row) -> str:
+    """What the rows of one cell share, whatever their seed: the reduction but its seed, and the run's
+    fingerprint (the same cell run on other weights or data is another cell). Rows written before
+    cells were recorded group by their key."""
+    if row.get("cell") is None:
+        return row["key"]
+    return json.dumps([seedless_reduction(row), row.get("fingerprint")], sort_keys=True)
+
+
+def baseline_for(rows: Iterable[Row], row: Row) -> Row | None:
+    """The measured baseline of `row`'s run (same fingerprint): the one its paired comparisons use."""
+    return next(
+        (
+            other
+            for other in rows
+            if other.get("strategy") == "baseline"
+            and "error" not in other
+            and other.get("fingerprint") == row.get("fingerprint")
+        ),
+        None,
+    )
 
 
 def results_files(folders: Iterable[Path]) -> list[Path]:

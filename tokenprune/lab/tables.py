@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenprune.lab.predictions import SamplePredictions, has_predictions
-from tokenprune.lab.results import Row
+from tokenprune.lab.results import Row, baseline_for, cell_group
 from tokenprune.lab.stats import BOOTSTRAP_SEED, CONFIDENCE, RESAMPLES, Comparison, Spread, compare, spread
 from tokenprune.lab.timing import NOISY_SPREAD
 
@@ -139,40 +139,38 @@ class Summary:
 
     rows: list[Row]
     lines: list[Line]
-    by_row: dict[str, Comparison | None]  # by key
+    by_row: dict[str, Comparison | None]  # by `row_id`
 
 
 def summarize(rows: Sequence[Row]) -> Summary:
-    """Group the measured rows into cells (seeds together) and compare each with the baseline."""
+    """Group the measured rows into cells (seeds together) and compare each with its run's baseline."""
     measured = [row for row in rows if "error" not in row]
-    baseline = next((row for row in measured if row.get("strategy") == "baseline"), None)
-    reference = SamplePredictions.of(baseline) if baseline and has_predictions(baseline) else None
-    lines = [Line(group, _against(reference, group)) for group in seed_groups(measured)]
+    lines = [Line(group, _against(_reference(measured, group[0]), group)) for group in seed_groups(measured)]
     by_row: dict[str, Comparison | None] = {}
     for line in lines:
+        reference = _reference(measured, line.rows[0])
         for row in line.rows:
-            by_row[row["key"]] = line.comparison if len(line.rows) == 1 else _against(reference, [row])
+            by_row[row_id(row)] = line.comparison if len(line.rows) == 1 else _against(reference, [row])
     return Summary(list(rows), lines, by_row)
+
+
+def row_id(row: Row) -> str:
+    """A row's cell key and run fingerprint: unique among the rows of a report, mixed ones included."""
+    return f"{row['key']}/{row.get('fingerprint')}"
+
+
+def _reference(measured: Sequence[Row], row: Row) -> SamplePredictions | None:
+    """The per-sample predictions of the baseline of `row`'s run, when it has them."""
+    baseline = baseline_for(measured, row)
+    return SamplePredictions.of(baseline) if baseline and has_predictions(baseline) else None
 
 
 def seed_groups(rows: Sequence[Row]) -> list[list[Row]]:
     """The rows grouped by cell, seeds apart (the same reduction but for its `seed`), in row order."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        groups.setdefault(_cell_without_seed(row), []).append(row)
+        groups.setdefault(cell_group(row), []).append(row)
     return list(groups.values())
-
-
-def _cell_without_seed(row: Row) -> str:
-    """What a cell is, but for its seed (and the fingerprint of what it ran on)."""
-    cell = row.get("cell")
-    if cell is None:
-        return row["key"]
-    reduction = cell.get("reduction")
-    if reduction is not None:
-        params = {k: v for k, v in (reduction.get("params") or {}).items() if k != "seed"}
-        reduction = {**reduction, "params": params}
-    return json.dumps([reduction, row.get("fingerprint")], sort_keys=True)
 
 
 def _against(reference: SamplePredictions | None, rows: list[Row]) -> Comparison | None:
@@ -205,13 +203,13 @@ def write_tables(rows: Sequence[Row], folder: Path) -> list[Path]:
 
 def write_csv(summary: Summary, path: Path) -> Path:
     """Every measured field of every row, what the report derives from it, and its environment."""
-    line_of = {row["key"]: line for line in summary.lines for row in line.rows}
+    line_of = {row_id(row): line for line in summary.lines for row in line.rows}
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*CSV_FIELDS, *DERIVED_FIELDS, *ENVIRONMENT_FIELDS])
         for row in summary.rows:
             values = [_csv_value(row, f) for f in CSV_FIELDS]
-            derived = _derived(row, line_of.get(row["key"]), summary.by_row.get(row["key"]))
+            derived = _derived(row, line_of.get(row_id(row)), summary.by_row.get(row_id(row)))
             environment = [row.get("environment", {}).get(e) for e in ENVIRONMENT_FIELDS]
             writer.writerow([*values, *derived, *environment])
     return path
@@ -538,18 +536,3 @@ def _timing_method(row: Row) -> str:
         f"spread their interquartile range over the median (flagged above {NOISY_SPREAD:.0%}); decode "
         f"over {row['timing_decode_tokens']} new tokens. The baseline row is the baseline against itself."
     )
-
-
-def _optional_percent(value: float | None) -> str:
-    """A percentage, or blank for a row that has none."""
-    return "" if value is None else _percent(value)
-
-
-def _optional_speedup(value: float | None) -> str:
-    """A speed-up as `1.23x`, or blank for a row that has none."""
-    return "" if value is None else f"{value:.2f}x"
-
-
-def _percent(value: float) -> str:
-    """A fraction as a percentage with one decimal."""
-    return f"{100 * value:.1f}%"

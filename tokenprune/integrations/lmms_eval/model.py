@@ -46,7 +46,8 @@ from tokenprune.integrations.lmms_eval.efficiency import Efficiency
 from tokenprune.lab.batches import prompt_text
 from tokenprune.lab.datasets import Sample
 from tokenprune.lab.loading import Loaded, attached, load_model
-from tokenprune.lab.metrics import _visual_counts as visual_counts
+from tokenprune.lab.machine_lock import computing
+from tokenprune.lab.metrics import visual_counts
 from tokenprune.lab.timing import now, synchronizer
 
 DEFAULT_MAX_NEW_TOKENS = 128  # when a task gives none
@@ -171,6 +172,7 @@ class TokenPruneLMM(lmms):
         return list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
 
     @torch.no_grad()
+    @computing()  # waits while another tokenprune process times, as the lab's batches do
     def _generate(
         self, task: str, contexts: list[str], visuals: list[list[Any]], gen_kwargs: dict[str, Any]
     ) -> list[str]:
@@ -189,6 +191,7 @@ class TokenPruneLMM(lmms):
         return [cut_at(text, until) for text in texts]
 
     @torch.no_grad()
+    @computing()
     def _loglikelihood(self, task: str, context: str, continuation: str, visuals: Any) -> tuple[float, bool]:
         """The continuation's summed log-probability and whether greedy decoding would produce it."""
         inputs = self._encode([context], [list(visuals or [])])
