@@ -389,6 +389,9 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, checkpoint, dataset)
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # a terminal's Ctrl-C: a runner started in the background (`cmd &`) ignores SIGINT, and its
+        # children would inherit that; Python turns SIGINT into KeyboardInterrupt only from the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 180
     while not (results.exists() and results.read_bytes().count(b"\n") >= 1):
