@@ -50,6 +50,7 @@ from tokenprune.lab.metrics import Outputs, accuracy, evaluate
 from tokenprune.lab.report import SAMPLE_IMAGE
 from tokenprune.lab.results import read_rows
 from tokenprune.testing.models import ToySize, toy_video_llava
+from tokenprune.testing.oracles import oracle_logits
 
 FASTV_8 = tp.ReductionConfig(strategy="fastv", layer=2, keep=8)  # 8 of 144: about half the answers survive
 
@@ -195,6 +196,29 @@ def test_loglikelihood_of_several_tokens_runs_on_the_cache(toy):
     target = inputs["input_ids"][0, -2:]
     expected = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None]).sum().item()
     assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_loglikelihood_of_several_tokens_on_a_reduced_cache_is_the_mask_oracles(toy):
+    """With FastV, a continuation scored on the prompt's reduced cache equals the unreduced model over
+    prompt and continuation with the tokens FastV removed from the prompt hidden as keys from layer K
+    on (the mask oracle; the continuation is never removed). float32, tolerance 1e-4."""
+    lmm = TokenPruneLMM.from_loaded(toy, "builtin:toy-llava", FASTV_8, batch_size=1)
+    doc = records(1)[0]
+    ((logprob, _),) = lmm.loglikelihood(loglikelihood_requests(lmm, [doc], [" red square"]))
+    image = doc_to_visual(doc)
+    prompt = toy.prompt.format(question=doc["question"])
+    prompt_inputs = toy.processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad(), tp.attach(toy.model, FASTV_8) as handle:
+        toy.model(**prompt_inputs)
+        trace = handle.trace
+    inputs = toy.processor(images=image, text=prompt + " red square", return_tensors="pt")
+    with torch.no_grad():
+        logits = oracle_logits(toy.model, inputs, trace, appended=2)[0, -3:-1].float()
+    target = inputs["input_ids"][0, -2:]
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None]).sum().item()
+    unreduced = TokenPruneLMM.from_loaded(toy, "builtin:toy-llava", None, batch_size=1)
+    ((plain, _),) = unreduced.loglikelihood(loglikelihood_requests(unreduced, [doc], [" red square"]))
+    assert logprob == pytest.approx(expected, abs=1e-4) and abs(logprob - plain) > 1e-3
 
 
 def test_loglikelihood_errors_name_the_task(toy):
