@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 import tokenprune as tp
 from tokenprune.config import Stage
-from tokenprune.registry import adapter_for
+from tokenprune.registry import ADAPTERS, adapter_for
 from tokenprune.testing.models import toy_llava, toy_llava_next, toy_qwen2_5_vl, toy_qwen2_vl, toy_video_llava
 from tokenprune.testing.oracles import Prompt, class_token_view, generation_positions, hooked, llava_inputs
 from tokenprune.testing.qwen_inputs import Item, QwenPrompt, qwen_inputs
@@ -324,3 +324,15 @@ def test_signals_and_features_reach_strategies_in_float32():
     assert torch.equal(view.signals.keys(), half_keys.float())
     assert view.features().dtype == torch.float32 and view.hidden.dtype == torch.bfloat16
     assert view.features() is view.features()  # cast once per view
+
+
+def test_every_shipped_language_adapter_is_in_the_half_precision_suite():
+    """A new adapter in `adapters/` cannot slip past the suite above: its toy model must join MODELS."""
+    classes = {name: ADAPTERS.get(name) for name in tp.list_adapters()}
+    shipped = {
+        name
+        for name, cls in classes.items()
+        if issubclass(cls, tp.Adapter) and cls.__module__.startswith("tokenprune.adapters")
+    }
+    covered = {adapter_for(build()).name for build, _ in MODELS.values()}
+    assert shipped <= covered, f"adapters without a half-precision case: {sorted(shipped - covered)}"

@@ -72,7 +72,6 @@ class Bench(BaseBench):
     def measure(self, cell: Cell) -> dict[str, Any]:
         """The results row of one cell."""
         start = time.perf_counter()
-        torch.manual_seed(0 if cell.seed is None else cell.seed)  # seedless strategies: a fixed seed
         outputs = (
             self.reference
             if cell.reduction is None
