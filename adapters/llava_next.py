@@ -2,9 +2,9 @@
 
 Each image's placeholders hold, in order, the base (low-resolution) grid, then the high-resolution
 grid assembled from the anyres tiles, unpadded to the image's aspect ratio, with one
-`image_newline` token closing each row. Two segments per image are candidates: the base grid and
-the unpadded high-resolution grid (with its real rows and columns). Newline tokens are not
-candidates: like text they are always kept, so the layout's rows stay delimited.
+`image_newline` token closing each row. Two segments per image are candidates: the base grid (kind
+"base", `TokenView.of_kind`) and the unpadded high-resolution grid (with its real rows and columns).
+Newline tokens are not candidates: like text they are always kept, so the layout's rows stay delimited.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ class LlavaNextAdapter(LlavaAdapter):
     name = "llava_next"
     no_vision_tower = (
         "its anyres tiles reach the language model unpadded, in a layout that depends on each image's size, "
-        "and generate() encodes the images without passing `image_sizes` on, so the tiles' patches cannot "
-        "be matched exactly to their placeholders"
+        "while a vision site maps the i-th tower item to the i-th run of a fixed number of placeholders; "
+        "generate() passes `image_sizes` to the encoder but not to the forward that fills the placeholders, "
+        "so a tile's patches cannot be matched exactly to their placeholders there"
     )
     model_types = ("llava_next",)
 
@@ -38,33 +39,34 @@ class LlavaNextAdapter(LlavaAdapter):
         return ()
 
     def tokens_per_image(self, inputs: dict[str, Any], placeholders: Tensor) -> list[int]:
-        return [self._base_count() + rows * (cols + 1) for rows, cols in self._high_res_shapes(inputs)]
+        return [self._base_count() + rows * (cols + 1) for rows, cols in self.high_res_shapes(inputs)]
 
     def image_segments(
         self, inputs: dict[str, Any], image: int, sample: int, positions: Tensor
     ) -> list[Segment]:
         side = self.patch_side()
         base = self._base_count()
-        rows, cols = self._high_res_shapes(inputs)[image]
+        rows, cols = self.high_res_shapes(inputs)[image]
         grid = positions[base:].view(rows, cols + 1)[:, :cols].reshape(-1)  # drop each row's newline
-        return [
-            Segment(sample, positions[:base], grid_coords(side, side), (1, side, side)),
-            Segment(sample, grid, grid_coords(rows, cols), (1, rows, cols)),
-        ]
+        segments = [Segment(sample, positions[:base], grid_coords(side, side), (1, side, side), "base")]
+        if cols:  # (1, 0): a lone newline after the base grid, no high-resolution grid (LLaVA-OneVision)
+            segments.append(Segment(sample, grid, grid_coords(rows, cols), (1, rows, cols)))
+        return segments
 
     def _base_count(self) -> int:
         return self.patch_side() ** 2
 
-    def _high_res_shapes(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
-        """(rows, cols) of each image's unpadded high-resolution grid, newlines not counted."""
+    def high_res_shapes(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
+        """(rows, cols) of each image's unpadded high-resolution grid, newlines not counted (a variant's
+        hook: `(1, 0)` stands for a lone newline closing the base grid)."""
         if inputs.get("image_sizes") is not None:
-            return [self._shape_from_size(size) for size in inputs["image_sizes"]]
+            return [self.high_res_shape(size) for size in inputs["image_sizes"]]
         encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is None:
             raise InputError("LLaVA-NeXT inputs with image tokens need `image_sizes` (or pre-encoded images)")
         return [self._shape_from_features(features) for features in encoded.pooler_output]
 
-    def _shape_from_size(self, size: Tensor) -> tuple[int, int]:
+    def high_res_shape(self, size: Tensor) -> tuple[int, int]:
         """The model's own anyres tiling and unpadding, applied to an index grid."""
         config = self.model.config
         tiles_h, tiles_w = get_anyres_image_grid_shape(

@@ -9,11 +9,14 @@ coordinates `(t, row, col)`: `uniform` strides over time and space, and `budget:
 each time step its own budget.
 
 Positions: the model computes 3-D M-RoPE positions (temporal, height, width) for the whole prompt
-before its language model and folds them into the `(cos, sin)` tables every decoder layer gets; the
-core gathers those tables by original position, so kept tokens keep their 3-D positions and nothing
-is recomputed. Decode positions are the model's own (`generate` passes them; otherwise the model adds
-its `rope_deltas` to the cache length), except after a layer-0 site, where `continued_position_ids`
-counts from the original prompt length as the unreduced model does.
+before its language model and folds them into the `(cos, sin)` tables every decoder layer gets. Under
+the `original` policy the core gathers those tables by original position, so kept tokens keep their
+3-D positions and nothing is recomputed; under `renumbered` it renumbers the kept tokens (each kept
+visual token keeps its (t, h, w) offset in its item's grid: docs/positions.md) and recomputes the
+tables through the language model's own `rotary_emb`. Decode positions are the model's own (`generate`
+passes them; otherwise the model adds its `rope_deltas` to the cache length), except after a layer-0
+site, where `continued_position_ids` counts from the original prompt length as the unreduced model
+does (less the renumbering's shift under `renumbered`).
 
 Grids come from `image_grid_thw` / `video_grid_thw` when given. `generate` encodes the images itself
 and calls the model with the grids dropped, the features in `mm_encoder_outputs` and the 3-D position
@@ -158,7 +161,8 @@ def _encoded_counts(inputs: dict[str, Any], modality: Modality) -> list[int]:
 
 
 def _shape_from_positions(inputs: dict[str, Any], sample: int, positions: Tensor) -> Shape:
-    """An item's merged (t, h, w) from the model's 3-D position ids (height and width rows span the grid).
+    """An item's merged (t, h, w) from the model's 3-D position ids (height and width rows span the grid of
+    the tokens at the item's first temporal position: Qwen3-VL numbers each frame as a grid of its own).
 
     Without 3-D position ids the grid is unknown and the item is described as one row of tokens.
     """
@@ -166,7 +170,8 @@ def _shape_from_positions(inputs: dict[str, Any], sample: int, positions: Tensor
     n = len(positions)
     if position_ids is None or position_ids.ndim != 3:
         return (1, 1, n)
-    rows = position_ids[-2:, min(sample, position_ids.shape[1] - 1), positions.to(position_ids.device)]
+    ids = position_ids[-3:, min(sample, position_ids.shape[1] - 1), positions.to(position_ids.device)]
+    rows = ids[1:, ids[0] == ids[0, 0]]
     height, width = (rows.amax(dim=1) - rows.amin(dim=1) + 1).tolist()
     if n % (height * width):
         raise InputError(f"position ids of a {n}-token item describe a {height} x {width} grid")

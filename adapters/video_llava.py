@@ -22,7 +22,6 @@ as one longer video there only when every run holds the same number of them.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 
 from tokenprune.contracts.adapter import VisionTower
-from tokenprune.contracts.layout import Segment, VisualLayout, grid_coords, placeholder_runs
+from tokenprune.contracts.layout import Segment, VisualLayout, grid_coords, placeholder_runs, run_lengths
 from tokenprune.errors import InputError
 
 from .llava import LlavaAdapter
@@ -98,7 +97,7 @@ class VideoLlavaAdapter(LlavaAdapter):
             return [pixels.shape[1]] * pixels.shape[0]
         encoded = inputs["mm_encoder_outputs"]["video"].pooler_output  # [videos * T, tokens per frame, D]
         per_frame = self.tokens_per_frame()
-        runs = _run_lengths(placeholders)
+        runs = run_lengths(placeholders)
         if encoded.shape[1] != per_frame or not runs or any(n % per_frame for n in runs):
             raise InputError(
                 f"video placeholder runs of {runs} tokens are not whole frames of {per_frame} tokens "
@@ -136,16 +135,6 @@ def _renamed_image_pixels(inputs: dict[str, Any]) -> dict[str, Any]:
     if inputs.get("pixel_values") is None and inputs.get("pixel_values_images") is not None:
         return {**inputs, "pixel_values": inputs["pixel_values_images"]}
     return inputs
-
-
-def _run_lengths(mask: Tensor) -> list[int]:
-    """Lengths of the maximal runs of consecutive True entries of `mask` [B, N], row-major."""
-    samples, positions = mask.nonzero(as_tuple=True)
-    if len(positions) == 0:
-        return []
-    breaks = (samples[1:] != samples[:-1]) | (positions[1:] != positions[:-1] + 1)
-    ends = (breaks.nonzero().squeeze(1) + 1).tolist()
-    return [end - start for start, end in itertools.pairwise([0, *ends, len(positions)])]
 
 
 def _column_coords(frames: int) -> Tensor:

@@ -21,6 +21,9 @@ Sections, each a set of rows of the table (check, result, verdict):
    paired and order-alternating (`common.compare`), beside the FLOPs bound.
 4. `device_map`: with two GPUs or more, that model split across them by layers (accelerate's
    `dispatch_model`): kept positions and logits against one device, and its time to first token.
+5. `selection overhead`: benchmarks/selection.py on the device at that size (every layer, the
+   largest batch, `--keep` 192 visual tokens): each installed strategy's time inside its `select`
+   (CUDA synchronised) and its share of the prefill it ran in, beside a paired prefill ratio.
 
 A failed check is a FAIL row, the run goes on and ends with exit status 1. Timings at --smoke size
 mean nothing. See docs/benchmarks.md, "GPU check".
@@ -59,6 +62,7 @@ from tokenprune.testing.oracles import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
+import selection
 from common import (
     ROW_HEADER,
     SMOKE_SHAPE,
@@ -114,7 +118,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=32, help="toy VQA questions in half precision")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
-    return apply_smoke(parser.parse_args(), **SMOKE_SHAPE, batches=[1, 3], samples=4, ratios=[0.5])
+    parser.add_argument("--keep", type=int, default=192, help="selection overhead: visual tokens kept")
+    parser.add_argument("--vision-hidden", type=int, default=64, help="selection overhead: the tower's width")
+    return apply_smoke(parser.parse_args(), **SMOKE_SHAPE, batches=[1, 3], samples=4, ratios=[0.5], keep=4)
 
 
 # -- moving inputs -----------------------------------------------------------------------------
@@ -188,14 +194,14 @@ def oracles(
         for b in range(len(prompts)):
             model(**on(single_sample(inputs, prompts, b), device), use_cache=False)
             alone.append(handle.trace[0].kept[0].cpu())
-    expected = oracle_logits(reference, inputs, trace)
+    expected = oracle_logits(reference, inputs, trace, config=config)  # each stage's position policy
     worst = max(
         float((logits[b, row[row >= 0]].cpu() - expected[b, row[row >= 0]]).abs().max())
         for b, row in enumerate(trace[-1].kept)
     )
     if worst > EXACT_TOL:
         raise AssertionError(f"kept logits differ from the oracle's by {worst:.2e} > {EXACT_TOL}")
-    oracle_tokens, oracle_step_logits = oracle_greedy(reference, inputs, trace, STEPS)
+    oracle_tokens, oracle_step_logits = oracle_greedy(reference, inputs, trace, STEPS, config=config)
     assert_same_greedy(tokens.cpu(), oracle_tokens, oracle_step_logits)
     pad = (1 - inputs["attention_mask"]).sum(1)
     for b, kept in enumerate(alone):
@@ -474,6 +480,37 @@ def last_device_current(devices: list[str | int]) -> Iterator[None]:
         yield
 
 
+# -- 5. each strategy's selection overhead on the device -------------------------------------------
+
+
+def selection_overhead(args: argparse.Namespace) -> list[Row]:
+    """benchmarks/selection.py on the device: every strategy's time inside `select` beside its prefill
+    (LLaVA-1.5-7B-shaped, all layers, the largest batch), paired against the unreduced prefill."""
+    model = selection.selection_model(args, args.device)
+    inputs = selection.with_pixels(prompt_on(model, args, max(args.batches)), args, model.device)
+
+    def unreduced() -> float:
+        return elapsed(lambda: prefill_logits(model, inputs))
+
+    print(ROW_HEADER)
+    compare("unreduced / unreduced (noise floor, selection)", unreduced, unreduced, args)
+    section, batch = "selection overhead", max(args.batches)
+    rows = []
+    for name in tp.list_strategies():
+        check = f"{name}: batch {batch}, keep {args.keep}"
+        rows.append(
+            checked(
+                section,
+                check,
+                lambda n=name: selection.verdict(
+                    n, selection.measure(model, inputs, n, args, unreduced)
+                ).strip(),
+                measured=True,
+            )
+        )
+    return rows
+
+
 # -- the table -------------------------------------------------------------------------------------
 
 
@@ -504,6 +541,8 @@ def main() -> int:
     for batch in args.batches:
         rows += time_to_first_token(model, args, batch, "one device")
     rows += device_map_split(model, args)
+    del model
+    rows += selection_overhead(args)
     report = markdown(rows, header)
     print(report)
     if args.out is not None:

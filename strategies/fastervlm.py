@@ -25,6 +25,7 @@ class FasterVLM(ScoreReducer):
 
     requires: ClassVar[frozenset[str]] = frozenset({"attention"})
     sites: ClassVar[frozenset[str]] = frozenset({"vision"})  # the class token of a vision encoder
+    positions: ClassVar[str] = "renumbered"  # the position policy of the paper's reference code
 
     def score(self, view: TokenView) -> Tensor:
         return view.signals.attention("class")  # [B, L], head-averaged, from the class token's row

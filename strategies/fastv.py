@@ -41,6 +41,7 @@ class FastV(ScoreReducer):
 
     Params: ClassVar[type[BaseModel]] = FastVParams
     requires: ClassVar[frozenset[str]] = frozenset({"attention"})
+    positions: ClassVar[str] = "original"  # the position policy of the paper's reference code
 
     def score(self, view: TokenView) -> Tensor:
         return view.signals.attention(self.params.score or DEFAULT_QUERY[view.site])

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tokenprune.strategies.uniform import UniformGrid
+from tokenprune.strategies.uniform import UniformGrid, dense_groups
 from torch import Tensor
 
 from tokenprune.contracts.reducer import Reducer, ScoreReducer, TokenView, group_counts, top_k_mask
@@ -61,10 +61,11 @@ def whole(positions: Tensor, valid: Tensor) -> Tensor:
 def grid_quota(frames: Tensor, extent: Tensor, stride: int) -> Tensor:
     """[B, F] long: cells per frame of a grid on every `stride`-th row and column, capped by its tokens.
 
-    `frames` [B, L]: each candidate's frame (-1 otherwise); `extent` [B, L, 3]: its (T, H, W). A frame
+    `frames` [B, L]: each candidate's frame numbered densely from 0 (-1 otherwise), so F = L columns
+    hold them all (the unused ones 0, with no host read); `extent` [B, L, 3]: its (T, H, W). A frame
     of H x W tokens gets ceil(H / s) * ceil(W / s) cells.
     """
-    n_frames = int(frames.max()) + 1 if frames.numel() else 0
+    n_frames = frames.shape[1]
     cells = (extent[..., 1] + stride - 1) // stride * ((extent[..., 2] + stride - 1) // stride)
     slot = frames.masked_fill(frames < 0, n_frames)
     per_frame = torch.zeros(frames.shape[0], n_frames + 1, dtype=torch.long, device=frames.device)
@@ -98,6 +99,8 @@ class FeatherScore(ScoreReducer):
 class Feather(Reducer):
     """RoPE-free attention ranking united with a uniform grid at the first stage (FEATHER)."""
 
+    positions: ClassVar[str] = "original"  # the position policy of the paper's reference code
+
     Params: ClassVar[type[BaseModel]] = FeatherParams
     requires: ClassVar[frozenset[str]] = frozenset({"attention"})
     sites: ClassVar[frozenset[str]] = frozenset({"language"})  # signals of a language model
@@ -115,13 +118,11 @@ class Feather(Reducer):
             if layers is None
             else torch.full_like(view.budget, view.layer in layers, dtype=torch.bool)
         )
-        grid = torch.zeros_like(view.candidates)
-        if bool(with_grid.any()):
-            grid = self.grid.select(self._grid_view(view)) & with_grid[:, None]
+        grid = self.grid.select(self._grid_view(view)) & with_grid[:, None]
         return grid_first(self.ranker.score(view), grid, view.candidates, budget, groups)
 
     def _grid_view(self, view: TokenView) -> TokenView:
         """The view with a per-frame budget of grid cells: what the uniform reducer lays out."""
-        frames = (view.segment if view.frame is None else view.frame).masked_fill(~view.candidates, -1)
+        frames = dense_groups(view.segment if view.frame is None else view.frame, view.candidates)
         cells = grid_quota(frames, view.extent, self.params.stride)
         return dataclasses.replace(view, frame=frames, budget=cells.sum(dim=1), frame_budget=cells)

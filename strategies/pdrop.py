@@ -8,8 +8,9 @@ and key projections and rotary embedding on the hidden states entering it), aver
 The schedule is the config's: the paper's LLaVA-1.5 setting is stages at layers 8, 16 and 24
 keeping 50%, 25% and 12.5% of the original visual tokens (`configs/pdrop-llava.yaml`).
 
-Deviation: the reference renumbers positions after each drop; here kept tokens keep their original
-rotary positions (FastV's convention, the only one the KV cache continuation supports).
+Positions: as in the reference, the surviving sequence is renumbered after each drop (the default
+policy, `renumbered`; decoding continues from the shortened sequence); `positions: original` keeps
+each kept token's own rotary position (FastV's convention).
 
 Parameters: `query` = `"last"` (default, the paper's last instruction token) or `"mean"` (the mean
 over every real token's attention row).
@@ -39,6 +40,7 @@ class PyramidDrop(ScoreReducer):
     Params: ClassVar[type[BaseModel]] = PyramidDropParams
     requires: ClassVar[frozenset[str]] = frozenset({"next_attention"})
     sites: ClassVar[frozenset[str]] = frozenset({"language"})  # signals of a language model
+    positions: ClassVar[str] = "renumbered"  # the position policy of the paper's reference code
 
     def score(self, view: TokenView) -> Tensor:
         return view.signals.get("next_attention", query=self.params.query)

@@ -28,6 +28,7 @@ class RandomSelection(ScoreReducer):
     """Uniformly random subset, reproducible per sample."""
 
     Params: ClassVar[type[BaseModel]] = RandomParams
+    positions: ClassVar[str] = "original"  # the position policy of the paper's reference code
 
     def score(self, view: TokenView) -> Tensor:
         ordinal = view.candidates.long().cumsum(dim=1) - 1  # i-th candidate of its sample

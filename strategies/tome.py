@@ -84,6 +84,7 @@ class ToMe(Reducer):
     """Token merging by bipartite soft matching on head-averaged keys."""
 
     Params: ClassVar[type[BaseModel]] = ToMeParams
+    positions: ClassVar[str] = "original"  # the position policy of the paper's reference code
     requires: ClassVar[frozenset[str]] = frozenset({"keys"})
     merges: ClassVar[bool] = True
 

@@ -106,6 +106,7 @@ class VisionZip(Reducer):
     requires: ClassVar[frozenset[str]] = frozenset({"attention", "keys"})
     merges: ClassVar[bool] = True
     sites: ClassVar[frozenset[str]] = frozenset({"vision"})  # the class token of a vision encoder
+    positions: ClassVar[str] = "renumbered"  # the position policy of the paper's reference code
 
     def select(self, view: TokenView) -> Merge:
         budget, groups = view.quota()

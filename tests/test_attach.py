@@ -223,8 +223,21 @@ def test_a_cache_reduced_by_a_detached_attachment_is_refused(llava_sdpa):
         llava_sdpa(**step)
 
 
-def test_sliding_window_language_models_are_refused():
+def test_a_sliding_window_is_refused_under_flex_attention_only():
+    """The window is kept in original positions by a 4-D mask: flex attention's block mask cannot carry it."""
     model = toy_llava()
-    model.model.language_model.config.sliding_window = 16
-    with pytest.raises(tp.AttachError, match="sliding-window"):
+    text = model.model.language_model.config
+    text.sliding_window = 16
+    config = tp.ReductionConfig(strategy="random", ratio=0.5)  # needs no attention probe
+    with tp.attach(model, config):
+        pass  # SDPA takes the 4-D mask
+    text._attn_implementation = "flex_attention"
+    with pytest.raises(tp.AttachError, match="slides a window"):
+        tp.attach(model, config)
+
+
+def test_chunked_attention_layers_are_refused():
+    model = toy_llava()
+    model.model.language_model.config.attention_chunk_size = 8
+    with pytest.raises(tp.AttachError, match="chunked"):
         tp.attach(model, tp.ReductionConfig(ratio=0.5))

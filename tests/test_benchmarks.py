@@ -29,6 +29,7 @@ CHECKED = {
     "families.py": ["target <= 1.02", "FLOPs bound"],
     "vit_throughput.py": ["FLOPs ratio", "ToMe matching"],
     "gpu_check.py": ["| exactness | fastv", "| half precision |", "| device_map |", "target <= 1.02"],
+    "selection.py": ["of its prefill; target <= 2%", "divprune", "dart", "uniform"],
 }
 
 
@@ -76,10 +77,14 @@ def test_gpu_check_smoke_writes_every_section_with_no_failure(tmp_path):
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     text = table.read_text()
     assert "**FAIL**" not in text
-    for section in ("exactness", "half precision", "time to first token (one device)", "device_map"):
+    one_device = "time to first token (one device)"
+    sections = ("exactness", "half precision", one_device, "device_map", "selection overhead")
+    for section in sections:
         assert f"| {section} |" in text, text
     assert "skipped: no CUDA device" in text  # FlashAttention-2 needs one: said, not silently left out
     assert text.count("| pass |") >= 8  # every pruning strategy's oracles, bf16 against float32
+    assert "| selection overhead | divprune: batch 3, keep 4 | divprune " in text
+    assert text.count("of its prefill") >= 3  # divprune, dart, uniform and every other strategy's share
 
 
 def test_gpu_check_counts_the_flash_attention_refusal_of_proportional_attention():

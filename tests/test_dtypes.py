@@ -17,6 +17,8 @@ The constructions (`Planted`) replace the visual rows of the language model's in
   near-identical: exactly the A tokens of the pairs find a match of cosine ~1, the rest < 0.9.
 - DivPrune (layer 0): the singled-out tokens are orthonormal, the others near one vector at cosine
   1/sqrt(k) of each: greedy max-min picks the k orthonormal ones with a gap of 1 - 1/sqrt(k).
+The families of the conformance kit (Gemma 3, InternVL, LLaVA-OneVision, Qwen3-VL) join through their
+`Family` factories; Gemma 3 runs DivPrune with `positions: original`, as it refuses renumbering.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from torch import Tensor, nn
 import tokenprune as tp
 from tokenprune.config import Stage
 from tokenprune.registry import ADAPTERS, adapter_for
+from tokenprune.testing.families import gemma3, internvl, llava_onevision, qwen3_vl
+from tokenprune.testing.family import Family, Sample
 from tokenprune.testing.models import toy_llava, toy_llava_next, toy_qwen2_5_vl, toy_qwen2_vl, toy_video_llava
 from tokenprune.testing.oracles import Prompt, class_token_view, generation_positions, hooked, llava_inputs
 from tokenprune.testing.qwen_inputs import Item, QwenPrompt, qwen_inputs
@@ -86,8 +90,21 @@ def video_llava_batch(model: nn.Module) -> dict[str, Tensor]:
     return media_inputs([[2, "image", 3], [1, "video", 2]], frames=2)
 
 
+ModelCase = tuple[Callable[[], nn.Module], Callable[[nn.Module], dict[str, Tensor]]]  # toy model, its batch
+
+
+def conformance_case(family: Family) -> ModelCase:
+    """A conformance-kit family's SDPA toy model and its batch of a one-item and a two-item sample."""
+    samples = [Sample((3, 2), 1), Sample((1, 2, 2), 2)]
+    return (lambda: family.model("sdpa")), (lambda model: family.inputs(model, samples, 0))
+
+
 # adapter (and attention, where it changes the masks' format) -> (toy model, its batch of two samples)
-MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], dict[str, Tensor]]]] = {
+MODELS: dict[str, ModelCase] = {
+    "gemma3": conformance_case(gemma3.FAMILY),
+    "internvl": conformance_case(internvl.FAMILY),
+    "llava_onevision": conformance_case(llava_onevision.FAMILY),
+    "qwen3_vl": conformance_case(qwen3_vl.FAMILY),
     "llava": (toy_llava, llava_batch),
     "llava_eager": (lambda: toy_llava(attn_implementation="eager"), llava_batch),
     "llava_next": (toy_llava_next, llava_next_batch),
@@ -211,9 +228,19 @@ CASES = {
     "divprune": Case(
         tp.ReductionConfig(strategy="divprune", layer=0, ratio=0.75),
         plant_divprune,
-        (divprune, "max_min_diverse", 0),
+        (divprune, "max_min_picks", 0),
     ),
 }
+
+
+ORIGINAL_POSITIONS_ONLY = {"gemma3"}  # adapters refusing `positions: renumbered` (Gemma 3: two rotary tables)
+
+
+def config_for(case: Case, family: str) -> tp.ReductionConfig:
+    """The case's config, with `positions: original` on a family that refuses renumbering."""
+    if family not in ORIGINAL_POSITIONS_ONLY:
+        return case.config
+    return case.config.model_copy(update={"positions": "original"})
 
 
 def planting_hook(model: nn.Module, planted: Planted) -> list:
@@ -261,17 +288,17 @@ def spy(
 
 def reduced_run(
     model: nn.Module,
-    case: Case,
+    config: tp.ReductionConfig,
     inputs: dict[str, Tensor],
     planted: Planted,
     masks: list[Tensor],
     steps: int = 0,
 ) -> list[list[int]]:
-    """Kept positions of a planted prefill under `case`; then `steps` greedy tokens of `generate`."""
-    first = case.config.stages[0].layer
+    """Kept positions of a planted prefill under `config`; then `steps` greedy tokens of `generate`."""
+    first = config.stages[0].layer
     with (  # the recorder goes on after the attachment: its hooks see the masks tokenprune hands on
         hooked(planting_hook(model, planted)),
-        tp.attach(model, case.config) as handle,
+        tp.attach(model, config) as handle,
         hooked(mask_recorder(model, first, masks)),
         torch.no_grad(),
     ):
@@ -292,7 +319,7 @@ def float32_selection(family: str, strategy: str) -> tuple[nn.Module, dict[str, 
     model = case.prepare(build())
     inputs = batch(model)
     planted = case.plant(model, inputs, case.config.stages[0])
-    kept = reduced_run(model, case, inputs, planted, [])
+    kept = reduced_run(model, config_for(case, family), inputs, planted, [])
     assert kept == planted.kept, "the construction must single out the kept tokens in float32"
     return model, inputs, planted
 
@@ -307,7 +334,7 @@ def test_half_precision_keeps_the_float32_selection(monkeypatch, family, strateg
     spy(monkeypatch, case.spied, ranked_in)
     half = copy.deepcopy(reference).to(dtype)
     masks: list[Tensor] = []
-    assert reduced_run(half, case, inputs, planted, masks, steps=STEPS) == planted.kept
+    assert reduced_run(half, config_for(case, family), inputs, planted, masks, steps=STEPS) == planted.kept
     assert ranked_in and set(ranked_in) == {torch.float32}
     assert {mask.dtype for mask in masks} <= {dtype}
     eager = adapter_for(half).text_config()._attn_implementation == "eager"

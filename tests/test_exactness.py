@@ -52,7 +52,7 @@ def assert_matches_mask_oracle(model, inputs, config):
     with tp.attach(model, config) as handle:
         logits = run(model, inputs).logits
         trace = handle.trace
-    expected = oracle_logits(model, inputs, trace)
+    expected = oracle_logits(model, inputs, trace, config=config)  # each stage's position policy
     for b, row in enumerate(trace[-1].kept):
         row = row[row >= 0]
         assert (logits[b, row] - expected[b, row]).abs().max() <= LOGIT_TOL
@@ -99,10 +99,11 @@ def test_mask_oracle_multi_stage(llava, strategy):
 def test_generate_with_cache_matches_oracle_without_cache(llava, strategy, batch, layer, ratio):
     inputs = llava_inputs(batch)
     steps = 5
-    with tp.attach(llava, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)) as handle:
+    config = tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)
+    with tp.attach(llava, config) as handle:
         out = llava.generate(**inputs, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
         trace = handle.trace
-    expected, logits = oracle_greedy(llava, inputs, trace, steps)
+    expected, logits = oracle_greedy(llava, inputs, trace, steps, config=config)
     assert_same_greedy(out[:, -steps:], expected, logits)
 
 

@@ -129,6 +129,23 @@ def test_an_extra_cell_equal_to_a_product_cell_runs_once_per_seed():
     assert labels_of(grid, seeds=[3, 4]) == ["baseline", "random K=1 R=0.5 seed=3", "random K=1 R=0.5 seed=4"]
 
 
+def test_a_position_policy_other_than_the_strategys_shows_in_the_label():
+    two = {"strategy": "fastv", "stages": [{"layer": 1, "ratio": 0.5}, {"layer": 2, "ratio": 0.5}]}
+    extra = [
+        {"strategy": "fastv", "layer": 1, "ratio": 0.5, "positions": "renumbered"},  # fastv: original
+        {"strategy": "divprune", "layer": 0, "keep": 9},  # its own default, renumbered: not shown
+        {"strategy": "divprune", "layer": 0, "keep": 9, "positions": "original"},
+        {**two, "stages": [two["stages"][0], {**two["stages"][1], "positions": "renumbered"}]},
+    ]
+    assert labels_of({"strategies": ["fastv"], "layers": [1], "extra": extra})[1:] == [
+        "fastv K=1 R=0.5",
+        "fastv K=1 R=0.5 positions=renumbered",
+        "divprune K=0 keep=9",
+        "divprune K=0 keep=9 positions=original",
+        "fastv K=1,2 R=0.5,0.5 positions=original,renumbered",
+    ]
+
+
 def test_cells_of_strategies_without_a_seed_carry_none():
     cells = cells_of({"strategies": ["fastv", "uniform", "random"], "layers": [1]}, seeds=[7])
     assert [(cell.label, cell.seed, cell.config()["seed"]) for cell in cells] == [

@@ -10,6 +10,7 @@ from tokenprune.adapters.llava_next import LlavaNextAdapter
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import tokenprune as tp
+from tokenprune.contracts.layout import SEGMENT_KINDS
 from tokenprune.testing.models import IMAGE_TOKEN_ID
 from tokenprune.testing.oracles import (
     Prompt,
@@ -53,6 +54,9 @@ def test_layout_matches_the_model_and_protects_newlines(llava_next):
         (1, 6, 10),
         (1, 12, 4),
     ]
+    base_grids = (layout.extent == torch.tensor([1, 6, 6])).all(dim=-1)  # each image's low-resolution view
+    assert torch.equal(layout.kind == SEGMENT_KINDS.index("base"), base_grids)
+    assert torch.equal(layout.kind == SEGMENT_KINDS.index("grid"), layout.visual & ~base_grids)
     llava_next(**inputs)  # the model itself accepts the placeholder counts
 
 

@@ -36,6 +36,7 @@ def first_layer(strategy: str, layer: int) -> int:
     """`layer`, or 1 for a strategy needing signals of the layer before its site."""
     return max(layer, 1) if tp.strategy_class(strategy).requires else layer
 
+
 LOGIT_TOL = 1e-4
 IDENTITY_TOL = 1e-5
 
@@ -49,6 +50,8 @@ prompts = st.builds(
     st.lists(st.integers(1, 4), min_size=3, max_size=3),
     st.lists(items, max_size=2),
 )
+
+
 def configs(strategies: list[str]) -> st.SearchStrategy[tp.ReductionConfig]:
     return st.builds(
         lambda strategy, layer, ratio, budget: tp.ReductionConfig(
@@ -108,11 +111,11 @@ def assert_matches_oracle(model, inputs: dict, config: tp.ReductionConfig, steps
         trace = handle.trace
         out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
         assert all(torch.equal(a.kept, b.kept) for a, b in zip(handle.trace, trace, strict=True))
-    expected = qwen_oracle_logits(model, inputs, trace)
+    expected = qwen_oracle_logits(model, inputs, trace, config=config)  # each stage's position policy
     for b, row in enumerate(trace[-1].kept):
         row = row[row >= 0]
         assert (logits[b, row] - expected[b, row]).abs().max() <= LOGIT_TOL
-    tokens, step_logits = qwen_oracle_greedy(model, inputs, trace, steps)
+    tokens, step_logits = qwen_oracle_greedy(model, inputs, trace, steps, config=config)
     assert_same_greedy(out[:, -steps:], tokens, step_logits)
 
 

@@ -292,10 +292,10 @@ def assert_matches_oracles(model, inputs, config, steps: int = 3):
         trace = handle.trace
         out = greedy(model, inputs, steps)
         assert torch.equal(handle.trace[0].kept, trace[0].kept)  # generate's encoded media: same layout
-    expected = oracle_logits(model, inputs, trace)
+    expected = oracle_logits(model, inputs, trace, config=config)  # each stage's position policy
     for b, row in enumerate(kept_rows(trace)):
         assert (logits[b, row] - expected[b, row]).abs().max() <= LOGIT_TOL
-    tokens, step_logits = oracle_greedy(model, inputs, trace, steps)
+    tokens, step_logits = oracle_greedy(model, inputs, trace, steps, config=config)
     assert_same_greedy(out, tokens, step_logits)
 
 

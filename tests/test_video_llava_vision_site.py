@@ -18,7 +18,13 @@ from test_video_llava import FRAME_TOKENS, IMAGE_TOKENS, SIDE, media_inputs, pro
 from test_vision_site import PRUNING, forward, vision
 
 import tokenprune as tp
-from tokenprune.testing.oracles import assert_kept_logits_match, hooked, oracle_masks, tower_mask_hooks
+from tokenprune.testing.oracles import (
+    assert_kept_logits_match,
+    hooked,
+    oracle_masks,
+    renumbering_hooks,
+    tower_mask_hooks,
+)
 
 LOGIT_TOL = 1e-4
 
@@ -37,8 +43,8 @@ def tower_events(trace, inputs) -> dict[str, tp.ReductionEvent]:
     ratio=st.floats(0.1, 0.9),
 )
 def test_pruning_in_both_towers_matches_the_mask_oracle(video_llava3, strategy, batch, layer, ratio):
-    inputs = media_inputs(batch, frames=2)
-    with tp.attach(video_llava3, vision(strategy, layer, ratio)) as handle:
+    inputs, config = media_inputs(batch, frames=2), vision(strategy, layer, ratio)
+    with tp.attach(video_llava3, config) as handle:
         logits = forward(video_llava3, inputs).logits
         trace = handle.trace
     events, language = tower_events(trace, inputs), trace[-1]
@@ -55,6 +61,7 @@ def test_pruning_in_both_towers_matches_the_mask_oracle(video_llava3, strategy, 
     model = video_llava3.model
     towers = {"image": model.image_tower.encoder.layers, "video": model.video_tower.encoder.layers}
     handles = [h for name, event in events.items() for h in tower_mask_hooks(towers[name], event)]
+    handles += renumbering_hooks(video_llava3, inputs, trace, config)  # the hand-off's position policy
     with hooked(handles + oracle_masks(video_llava3, [(0, removed)], valid)):
         expected = forward(video_llava3, inputs).logits
     assert_kept_logits_match(logits, expected, language.kept, LOGIT_TOL)

@@ -32,6 +32,7 @@ from tokenprune.testing.oracles import (
     llava_inputs,
     oracle_masks,
     recomputed_greedy,
+    renumbering_hooks,
     tower_mask_hooks,
 )
 
@@ -59,8 +60,8 @@ def forward(model, inputs):
 @pytest.mark.parametrize("strategy", PRUNING)
 @given(batch=st.lists(prompts, min_size=1, max_size=3), layer=st.integers(0, 1), ratio=st.floats(0.1, 0.9))
 def test_pruning_in_the_tower_matches_the_mask_oracle(llava3, strategy, batch, layer, ratio):
-    inputs = llava_inputs(batch)
-    with tp.attach(llava3, vision(strategy, layer, ratio)) as handle:
+    inputs, config = llava_inputs(batch), vision(strategy, layer, ratio)
+    with tp.attach(llava3, config) as handle:
         logits = forward(llava3, inputs).logits
         tower_event, language_event = handle.trace
     assert (tower_event.site, language_event.site, language_event.layer) == ("vision", "language", 0)
@@ -70,6 +71,7 @@ def test_pruning_in_the_tower_matches_the_mask_oracle(llava3, strategy, batch, l
         removed[b, row[row >= 0]] = False
     tower = llava3.model.vision_tower.encoder.layers
     handles = tower_mask_hooks(tower, tower_event) + oracle_masks(llava3, [(0, removed)], valid)
+    handles += renumbering_hooks(llava3, inputs, [language_event], config)  # the hand-off's position policy
     with hooked(handles):
         expected = forward(llava3, inputs).logits
     assert_kept_logits_match(logits, expected, language_event.kept, LOGIT_TOL)
@@ -231,7 +233,8 @@ def test_with_the_full_feature_strategy_the_class_token_stays_and_the_oracle_hol
     model = toy_llava(ToySize(vision_layers=3))
     model.config.vision_feature_select_strategy = "full"  # the class token leads each image's 37 tokens
     inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)], tokens_per_image=37)
-    with tp.attach(model, vision(strategy, 0, 0.5)) as handle:
+    config = vision(strategy, 0, 0.5)
+    with tp.attach(model, config) as handle:
         logits = forward(model, inputs).logits
         tower_event, language_event = handle.trace
     valid = inputs["attention_mask"].bool()
@@ -243,6 +246,7 @@ def test_with_the_full_feature_strategy_the_class_token_stays_and_the_oracle_hol
     assert not bool((removed & first_of_image).any())  # each image's class token is kept
     assert language_event.visual_after == [1 + 18, 2 * (1 + 18)]
     tower = model.model.vision_tower.encoder.layers
-    with hooked(tower_mask_hooks(tower, tower_event) + oracle_masks(model, [(0, removed)], valid)):
+    handles = tower_mask_hooks(tower, tower_event) + oracle_masks(model, [(0, removed)], valid)
+    with hooked(handles + renumbering_hooks(model, inputs, [language_event], config)):
         expected = forward(model, inputs).logits
     assert_kept_logits_match(logits, expected, language_event.kept, LOGIT_TOL)

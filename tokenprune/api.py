@@ -8,6 +8,7 @@ import weakref
 from collections.abc import Callable
 
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from tokenprune.config import ReductionConfig
@@ -16,7 +17,7 @@ from tokenprune.contracts.probe import unavailable_at
 from tokenprune.contracts.reducer import Merge, Reducer, TokenView
 from tokenprune.core.encoder_session import EncoderSession
 from tokenprune.core.language.session import Session
-from tokenprune.core.masks import takes_key_bias
+from tokenprune.core.masks import FULL, SLIDING, has_local_rules, layer_types, takes_key_bias
 from tokenprune.core.selection import ReductionEvent
 from tokenprune.errors import AttachError, ConfigError, TokenPruneError
 from tokenprune.registry import adapter_for, strategy_class
@@ -198,20 +199,56 @@ def _check_sites(adapter: Adapter, config: ReductionConfig, reducer_cls: type[Re
                 "(layer 0 is before the language model)"
             )
     text = adapter.text_config()
-    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or []) or (
-        getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
-    )
-    if sliding:
-        raise AttachError(
-            "the language model uses sliding-window attention, which the masks of shortened layers "
-            "do not reproduce yet: use a full-attention checkpoint (sliding_window=None)"
-        )
     backend = text._attn_implementation
     if backend not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         raise AttachError(
             f"attention implementation {backend!r} has no mask function registered in transformers; "
             f"supported: {', '.join(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}"
         )
+    _check_layer_kinds(text)
+    _check_windowed_signals(text, config, reducer_cls)
+
+
+def _check_layer_kinds(text: PretrainedConfig) -> None:
+    """Refuse layer kinds whose masks tokenprune cannot keep on a shortened sequence.
+
+    Sliding windows are kept in original positions by a 4-D mask: a backend without one (FlashAttention,
+    flex attention) would slide its window over the shortened sequence instead.
+    """
+    unknown = set(layer_types(text)) - {FULL, SLIDING}
+    if unknown:
+        raise AttachError(
+            f"the language model has layers of kind {', '.join(sorted(unknown))}, whose masks tokenprune "
+            f"does not reproduce on a shortened sequence (it keeps {FULL} and {SLIDING} layers)"
+        )
+    if has_local_rules(text) and not takes_key_bias(text):
+        raise AttachError(
+            "the language model slides a window over its keys, which tokenprune keeps in original "
+            f"positions with a 4-D mask; attention {text._attn_implementation!r} takes none and would slide "
+            'it over the shortened sequence: load the model with attn_implementation="sdpa" (or eager)'
+        )
+
+
+# Attention rows a signal recomputes, and the layer (relative to the site) whose attention they are.
+_ATTENTION_SIGNALS = {"attention": -1, "attention_from": -1, "next_attention": 0}
+
+
+def _check_windowed_signals(
+    text: PretrainedConfig, config: ReductionConfig, reducer_cls: type[Reducer]
+) -> None:
+    """Refuse attention signals of a sliding-window layer: the probe recomputes rows over every causal key."""
+    kinds = layer_types(text)
+    offsets = {offset for signal, offset in _ATTENTION_SIGNALS.items() if signal in reducer_cls.requires}
+    for stage in config.stages:
+        for offset in offsets:
+            layer = stage.layer + offset
+            if stage.site == "language" and layer >= 0 and kinds[layer] == SLIDING:
+                raise ConfigError(
+                    f"strategy {config.strategy!r} ranks with the attention of decoder layer {layer}, a "
+                    "sliding-window layer, whose window tokenprune's attention probe does not reproduce: "
+                    f"choose a layer whose {'own' if offset == 0 else 'previous'} layer attends globally ("
+                    f"{', '.join(str(i) for i, kind in enumerate(kinds) if kind != SLIDING)})"
+                )
 
 
 def _check_key_bias(adapter: Adapter, config: ReductionConfig, reducer: Reducer) -> None:

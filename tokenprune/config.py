@@ -10,6 +10,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tokenprune.contracts.reducer import PositionPolicy
 from tokenprune.errors import ConfigError, UnknownNameError, describe_errors
 from tokenprune.registry import strategy_class
 
@@ -33,6 +34,11 @@ class Stage(BaseModel):
         "language",
         description="where `layer` counts: the language model's decoder layers (the stage reduces the "
         "input of layer K), or the vision encoder's (it reduces the output of layer K, per image)",
+    )
+    positions: PositionPolicy | None = Field(
+        None,
+        description="rotary positions from this stage on: `original` (kept tokens keep theirs) or "
+        "`renumbered` (the surviving sequence numbered contiguously); None: the config's `positions`",
     )
 
     @model_validator(mode="after")
@@ -73,6 +79,11 @@ class ReductionConfig(BaseModel):
         "each video frame, image or sub-grid keeps its own share",
     )
     params: dict[str, Any] = Field(default_factory=dict)
+    positions: PositionPolicy | None = Field(
+        None,
+        description="the position policy of every stage that sets none: `original` or `renumbered`; "
+        "None: the strategy's own default (its paper's reference code)",
+    )
     token_order: Literal["reference", "spatial"] = Field(
         "reference",
         description="ViT sites, where order is free: survivors in the strategy's order (ToMe's reference "
@@ -128,6 +139,10 @@ class ReductionConfig(BaseModel):
             object.__setattr__(self, "ratio", first.ratio)
             object.__setattr__(self, "keep", first.keep)
         return self
+
+    def position_policy(self, stage: Stage) -> PositionPolicy:
+        """The position policy of `stage`: its own, else the config's, else the strategy's default."""
+        return stage.positions or self.positions or strategy_class(self.strategy).positions
 
     @field_validator("strategy")
     @classmethod

@@ -99,6 +99,18 @@ class Adapter(BaseAdapter):
         in `no_vision_tower`."""
         return ()
 
+    def rotary_embedding(self) -> nn.Module | None:
+        """The language model's rotary module, `module(hidden, position_ids) -> (cos, sin)`: the tables its
+        decoder layers receive, recomputed through it for `renumbered` positions; None where there is none
+        (the `renumbered` policy is then refused)."""
+        return None
+
+    def bidirectional_blocks(self, visual: Tensor) -> Tensor | None:
+        """[B, N] the block of tokens that attend to each other both ways (-1: a causal token), given
+        the visual tokens `visual` [B, N] of a prefill, as the model's own mask groups them (Gemma 3:
+        each image); None (this default): causal everywhere. The core keeps each block's kept tokens."""
+        return None
+
     def continued_position_ids(self, positions: Tensor, inputs: dict[str, Any]) -> Tensor:
         """Position ids of new tokens at sequence `positions` [1, q] after a prompt reduced at layer 0.
 
@@ -133,6 +145,9 @@ class ConditionalGenerationAdapter(Adapter):
 
     def final_norm(self) -> nn.Module | None:
         return self.base_model().language_model.norm
+
+    def rotary_embedding(self) -> nn.Module | None:
+        return getattr(self.base_model().language_model, "rotary_emb", None)
 
     def placeholder_token_ids(self) -> tuple[int, ...]:
         """The ids of the visual placeholder tokens: the config's `image_token_id` and `video_token_id`."""

@@ -7,6 +7,10 @@ projects queries for the rows needed only and never builds a [B, H, N, N] matrix
 
 The same probe serves a layer that has not run yet (PyramidDrop ranks with the projections of the
 layer whose input the site produces): `project` gives it the inputs that layer would see.
+
+Attentions that normalise each head's queries and keys after projecting them (`q_norm`, `k_norm`:
+Qwen3, Gemma 3) are read the same way: the probe applies those norms before the rotary embedding, as
+the module does.
 """
 
 from __future__ import annotations
@@ -21,15 +25,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenprune.errors import AttachError
-from tokenprune.indexing import gather_tokens
+from tokenprune.indexing import gather_tokens, left_aligned_index
 
 QUERY_CHUNK = 256
 
 # What the probe reads of an attention module besides its module's `apply_rotary_pos_emb`.
 PROJECTION_PARTS = ("q_proj", "k_proj", "head_dim", "scaling")
 
-# Signals read from the attention layer before the site: a site before layer 0 cannot offer them.
-LAYER_BEFORE_SIGNALS = frozenset({"attention", "keys"})
+# Signals read from the layer before the site: a site before layer 0 cannot offer them.
+LAYER_BEFORE_SIGNALS = frozenset({"attention", "keys", "attention_from", "variation"})
 
 
 def unavailable_at(layer: int, requires: frozenset[str]) -> frozenset[str]:
@@ -57,6 +61,13 @@ class ProjectionProbe:
             raise AttachError(
                 f"the attention probe needs {', '.join(missing)} on {type(attention).__name__}, which "
                 "has none: override `Adapter.probe` for this attention"
+            )
+        softcap = getattr(attention, "attn_logit_softcapping", None)
+        if softcap is not None:
+            raise AttachError(
+                "the attention probe does not reproduce attention logit soft-capping "
+                f"(attn_logit_softcapping={softcap}) of {type(attention).__name__}: "
+                "override `Adapter.probe` for this attention"
             )
 
     def watch(self, store: Callable[[AttentionInputs], None]) -> list[RemovableHandle]:
@@ -122,6 +133,19 @@ class ProjectionProbe:
         return (total / valid.sum(dim=1, keepdim=True).clamp(min=1)).to(asked_on)
 
     @torch.no_grad()
+    def received_from(self, inputs: AttentionInputs, valid: Tensor, rows: Tensor) -> Tensor:
+        """[B, L] float32 attention each token receives from the query rows `rows` [B, L] bool, averaged
+        over heads and those rows (0 without any), with RoPE: only the asked rows are projected."""
+        keys = self._key_states(inputs, rope=True)
+        index = left_aligned_index(rows.to(keys.device))  # [B, R] slots of the rows, -1 filler
+        if index.shape[1] == 0:
+            return torch.zeros(rows.shape, dtype=torch.float32, device=valid.device)
+        probs = self._rows(inputs, keys, index.clamp(min=0), valid.to(keys.device), rope=True)  # [B, R, L]
+        weight = (index >= 0).float()
+        total = (probs * weight[..., None]).sum(dim=1) / weight.sum(dim=1, keepdim=True).clamp(min=1)
+        return total.to(valid.device)
+
+    @torch.no_grad()
     def keys(self, inputs: AttentionInputs, rope: bool, heads: Literal["mean", "concat"]) -> Tensor:
         """Float32 keys per token: [B, N, Hkv*d] heads concatenated, or [B, N, d] averaged over heads.
 
@@ -133,9 +157,9 @@ class ProjectionProbe:
         return keys.flatten(2) if heads == "concat" else keys.mean(dim=2)
 
     def _key_states(self, inputs: AttentionInputs, rope: bool) -> Tensor:
-        """[B, Hkv, N, d] keys, after the module's rotary embedding unless `rope=False`, in float32."""
-        batch, length = inputs.hidden.shape[:2]
-        keys = inputs.keys.view(batch, length, -1, self.attention.head_dim).transpose(1, 2)
+        """[B, Hkv, N, d] keys (through the module's `k_norm` if any), after the module's rotary
+        embedding unless `rope=False`, in float32."""
+        keys = self._per_head(inputs.keys, "k_norm").transpose(1, 2)
         if rope:
             keys, _ = self.rotary(keys, keys, *inputs.rotary)
         return keys.float()
@@ -150,8 +174,7 @@ class ProjectionProbe:
         """
         attn = self.attention
         batch, n_rows = rows.shape
-        queries = attn.q_proj(gather_tokens(inputs.hidden, rows, 1))
-        queries = queries.view(batch, n_rows, -1, attn.head_dim).transpose(1, 2)
+        queries = self._per_head(attn.q_proj(gather_tokens(inputs.hidden, rows, 1)), "q_norm").transpose(1, 2)
         if rope:
             cos, sin = (gather_tokens(t, rows, 1) for t in inputs.rotary)
             queries, _ = self.rotary(queries, queries, cos, sin)
@@ -163,6 +186,13 @@ class ProjectionProbe:
         causal = allowed[:, None, :] & (key_index[None, None, :] <= rows[:, :, None])
         logits.masked_fill_(~causal[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(dim=1)
+
+    def _per_head(self, projected: Tensor, norm_name: str) -> Tensor:
+        """A projection [B, n, H*d] split into heads [B, n, H, d], through the module's per-head norm
+        `norm_name` (`q_norm` / `k_norm`) when it has one."""
+        heads = projected.unflatten(-1, (-1, self.attention.head_dim))
+        norm = getattr(self.attention, norm_name, None)
+        return heads if norm is None else norm(heads)
 
 
 def _rotary_helper(attention: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:

@@ -16,10 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from tokenprune.contracts.layout import SEGMENT_KINDS
 from tokenprune.errors import StrategyError, TokenPruneError
 
 QueryRows = Literal["last", "mean", "class"]
 Site = Literal["language", "vision"]
+PositionPolicy = Literal["original", "renumbered"]
 
 
 class SignalUnavailable(TokenPruneError):
@@ -90,6 +92,9 @@ class TokenView:
     - sizes     [B, L] float or None  original tokens each token stands for after earlier merges
                 (None: all 1; read it through `token_sizes()`)
     - site      "language" (a decoder layer's input) or "vision" (a vision encoder's tokens)
+    - kind      [B, L] long or None  a candidate's segment kind, an index into `SEGMENT_KINDS`
+                ("grid"; "thumbnail": InternVL's whole-image tile; "base": LLaVA-NeXT's low-resolution
+                grid), -1 otherwise; read it through `of_kind(name)` (None: every segment a "grid")
     """
 
     hidden: Tensor
@@ -106,6 +111,7 @@ class TokenView:
     frame_budget: Tensor | None = None
     sizes: Tensor | None = None
     site: Site = "language"
+    kind: Tensor | None = None
     _features: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def features(self) -> Tensor:
@@ -120,6 +126,14 @@ class TokenView:
         if self.sizes is None:
             return torch.ones(self.candidates.shape, dtype=torch.float32, device=self.candidates.device)
         return self.sizes
+
+    def of_kind(self, name: str) -> Tensor:
+        """[B, L] bool: the candidates in segments of kind `name` (one of `SEGMENT_KINDS`)."""
+        if name not in SEGMENT_KINDS:
+            raise ValueError(f"segment kind {name!r}: expected one of {', '.join(SEGMENT_KINDS)}")
+        if self.kind is None:
+            return self.candidates & (name == "grid")
+        return self.candidates & (self.kind == SEGMENT_KINDS.index(name))
 
     def quota(self) -> tuple[Tensor, Tensor]:
         """(budget [B, G] long, group [B, L] long) for `top_k_mask`, always of these shapes.
@@ -144,6 +158,10 @@ class Merge:
     - proportional_attention  add log(size) to each merged key's attention logits later on
     - combine  how a survivor takes in its members: `"average"`, the size-weighted average of it and
             them (ToMe); `"target_plus_mean"`, itself plus their size-weighted mean (VisionZip's code)
+    - weights [B, L, L] float or None  where a token feeds several survivors (area interpolation):
+            row i of a kept slot weighs each token j it takes in, itself included; the survivor becomes
+            `sum_j w_ij size_j x_j / sum_j w_ij size_j` (with `combine="average"`), `into` still names
+            each removed token's main survivor (for source tracking); None: `into` alone says it all
 
     The core does the rest once for every merging strategy: the merged features, sizes carried
     through later stages, proportional attention masks and source tracking.
@@ -154,6 +172,7 @@ class Merge:
     rank: Tensor | None = None
     proportional_attention: bool = True
     combine: Literal["average", "target_plus_mean"] = "average"
+    weights: Tensor | None = None
 
 
 class Reducer(ABC):
@@ -164,7 +183,9 @@ class Reducer(ABC):
     `requires`, the signals it asks for (a site that cannot provide them
     is refused when attaching); `merges`, whether it returns `Merge` results; `sites`, where it
     acts: `"language"` (a language model's decoder layers) and/or `"vision"` (a vision encoder: a
-    ViT's blocks, a VLM's vision tower).
+    ViT's blocks, a VLM's vision tower); `positions`, the position policy its paper's reference code
+    uses (`"original"`: kept tokens keep their positions, FastV; `"renumbered"`: the shortened sequence
+    is numbered contiguously), the default a config may override.
     """
 
     Params: ClassVar[type[BaseModel]] = NoParams
@@ -172,6 +193,7 @@ class Reducer(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     merges: ClassVar[bool] = False  # select may return a Merge: removed tokens live on in survivors
     sites: ClassVar[frozenset[Site]] = frozenset({"language", "vision"})  # where the method can act
+    positions: ClassVar[PositionPolicy] = "original"  # the position policy of the paper's reference code
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -186,6 +208,14 @@ class Reducer(ABC):
         None (the default): the strategy has no schedule of its own and needs `ratio`/`keep`/`stages`.
         """
         return None
+
+    def signal_layers(self, layer: int) -> frozenset[int]:
+        """The layers before `layer` whose attention a stage on `layer`'s output also reads.
+
+        A vision tower keeps those layers' queries and keys for `signals.attention(query, layer=i)`
+        (HiPrune's object layer); it asks before any forward. None by default.
+        """
+        return frozenset()
 
 
 class ScoreReducer(Reducer):

@@ -26,8 +26,6 @@ def merge_average(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tensor, Tenso
     was (tokens merged away are dropped by the caller). Computed in float32.
     """
     joined = into >= 0
-    if not bool(joined.any()):
-        return x, sizes
     batch, length, width = x.shape
     slots = torch.arange(length, device=x.device).expand(batch, length)
     target = torch.where(joined, into, slots)
@@ -46,8 +44,6 @@ def merge_target_plus_mean(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tens
     Shapes and sizes as `merge_average` (`sizes` sum at destinations); computed in float32.
     """
     joined = into >= 0
-    if not bool(joined.any()):
-        return x, sizes
     batch, length, width = x.shape
     slots = torch.arange(length, device=x.device).expand(batch, length)
     target = torch.where(joined, into, slots)  # non-members add 0 to themselves, nothing to others
@@ -60,8 +56,27 @@ def merge_target_plus_mean(x: Tensor, sizes: Tensor, into: Tensor) -> tuple[Tens
     return merged, sizes.float() + received
 
 
+def merge_weighted(x: Tensor, sizes: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Each survivor becomes the weighted, size-weighted average of the tokens its row of `weights` takes in.
+
+    x [B, L, D], sizes [B, L] float, weights [B, L, L] (row i: the weight of each token j in survivor i;
+    all-zero rows: tokens left as they are). Returns (x, sizes): `sum_j w_ij s_j x_j / sum_j w_ij s_j` and
+    `sum_j w_ij s_j` where a row has weight, everything else as it was. Computed in float32.
+    """
+    mass = weights.float() * sizes.float()[:, None, :]
+    total = mass.sum(dim=-1)
+    received = total > 0
+    merged = (mass @ x.float()) / total.clamp(min=1e-12)[..., None]
+    return torch.where(received[..., None], merged.to(x.dtype), x), torch.where(
+        received, total, sizes.float()
+    )
+
+
 def merge_tokens(x: Tensor, sizes: Tensor, merge: Merge) -> tuple[Tensor, Tensor]:
-    """The survivors of `merge` with their members taken in by its `combine` rule, and their new sizes."""
+    """The survivors of `merge` with their members taken in by its `combine` rule (or its `weights`),
+    and their new sizes."""
+    if merge.weights is not None:
+        return merge_weighted(x, sizes, merge.weights)
     combine = merge_average if merge.combine == "average" else merge_target_plus_mean
     return combine(x, sizes, merge.into)
 

@@ -79,6 +79,11 @@ def check_selection(name: str, keep: Tensor, view: TokenView, merge: Merge | Non
         _check_merge(name, keep, view, merge)
 
 
+def group_members(groups: Tensor, n_groups: int) -> Tensor:
+    """[B, G, L] bool: the tokens of each group, from `groups` [B, L] (0..n_groups-1; -1: none)."""
+    return groups[:, None, :] == torch.arange(n_groups, device=groups.device)[None, :, None]
+
+
 MERGE_RULES = ("average", "target_plus_mean")
 
 
@@ -95,6 +100,29 @@ def _check_merge(name: str, keep: Tensor, view: TokenView, merge: Merge) -> None
     target_kept = keep.gather(1, into.clamp(min=0, max=keep.shape[1] - 1)) & (into < keep.shape[1])
     if bool((joined & (keep | ~view.candidates | ~target_kept)).any()):
         raise StrategyError(f"{name}: Merge.into may only move removed candidates into kept candidates")
+    if merge.weights is not None:
+        _check_weights(name, keep, view, merge)
+
+
+def _check_weights(name: str, keep: Tensor, view: TokenView, merge: Merge) -> None:
+    """Weights: [B, L, L] floats >= 0, rows only at kept candidates, columns only at candidates, averaged."""
+    weights, shape = merge.weights, (*keep.shape, keep.shape[1])
+    if not isinstance(weights, Tensor) or tuple(weights.shape) != shape or not weights.is_floating_point():
+        got = (
+            f"{weights.dtype} {tuple(weights.shape)}"
+            if isinstance(weights, Tensor)
+            else type(weights).__name__
+        )
+        raise StrategyError(f"{name}: Merge.weights must be float {shape}, got {got}")
+    if merge.combine != "average":
+        raise StrategyError(f"{name}: Merge.weights combine by a weighted average: set combine='average'")
+    used = weights != 0
+    outside = (used.any(-1) & ~keep) | (used.any(-2) & ~view.candidates)
+    if bool(outside.any() | (weights < 0).any()):
+        raise StrategyError(
+            f"{name}: Merge.weights must be >= 0, with rows only at kept candidates "
+            "and columns only at candidates"
+        )
 
 
 def reduction_event(

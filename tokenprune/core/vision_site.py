@@ -6,6 +6,8 @@ the projector at their original patch slots, merged tokens at their destination'
 language model then starts without the removed tokens: the session hands this selection to a
 layer-0 site (`handoff`), so placeholders, positions and the cache need nothing new. Merges
 happen on the vision features, before the (non-linear) projector, as VisionZip and ToMe do.
+A strategy that also reads the attention of earlier tower layers (`signal_layers`, HiPrune's object
+layer) has their queries and keys kept from those layers until the last stage reading them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from tokenprune.contracts.adapter import VisionTower
 from tokenprune.contracts.reducer import Reducer
-from tokenprune.core.grid import GridTokens, check_site_layers
+from tokenprune.core.grid import GridTokens, check_site_layers, retained_layers
 from tokenprune.core.language.lifecycle import Hooks
 from tokenprune.core.selection import check_strategy_site
 from tokenprune.errors import ConfigError, InputError
@@ -84,6 +86,7 @@ class VisionSite:
         self.tower = tower
         self.stages = {stage.layer: stage for stage in stages}
         self.reducer = reducer
+        self.retain = retained_layers(reducer, self.stages)  # earlier layers whose attention a stage reads
         self.token_order = token_order
         self.tokens: GridTokens | None = None
         self.to_project = False  # the tower's latest output has not reached the projector yet
@@ -102,8 +105,9 @@ class VisionSite:
         hooks.add([self.tower.layers[0].register_forward_pre_hook(self._start)])
         first = min(self.stages)
         for index, layer in enumerate(self.tower.layers):
-            if index in self.stages:
+            if index in self.stages or index in self.retain:
                 self._watch(index, layer.self_attn, hooks)
+            if index in self.stages:
                 # prepended: transformers records hidden states with forward hooks of its own, which must
                 # see the reduced output
                 hooks.add([layer.register_forward_hook(self._reducer_hook(index), prepend=True)])
@@ -168,7 +172,13 @@ class VisionSite:
     def _tokens(self) -> GridTokens:
         if self.tokens is None:
             self.tokens = GridTokens(
-                self.reducer, self.tower.prefix_tokens, self.tower.grid, True, self.token_order, site="vision"
+                self.reducer,
+                self.tower.prefix_tokens,
+                self.tower.grid,
+                True,
+                self.token_order,
+                site="vision",
+                retain=dict(self.retain),
             )
         return self.tokens
 

@@ -102,7 +102,8 @@ def _label(reduction: tp.ReductionConfig | None, shown: list[str]) -> str:
     """A short name: `fastv K=2 R=0.75 score=mean`, `random K=2 keep=64 seed=1`, `baseline`.
 
     Vision-tower stages show as `K=v22` (the output of vision layer 22); then the params in `shown`
-    and the seed (of strategies with one), with the values they run with.
+    and the seed (of strategies with one), with the values they run with; then what differs from
+    the defaults (budget, position policy, token order).
     """
     if reduction is None:
         return "baseline"
@@ -113,9 +114,20 @@ def _label(reduction: tp.ReductionConfig | None, shown: list[str]) -> str:
         parts.append(f"seed={reduction.params['seed']}")
     if reduction.budget != "sample":
         parts.append(reduction.budget)
+    parts += _positions(reduction)
     if reduction.token_order != "reference":
         parts.append(f"order={reduction.token_order}")
     return " ".join(parts)
+
+
+def _positions(reduction: tp.ReductionConfig) -> list[str]:
+    """`[positions=original]` (per stage: `positions=original,renumbered`) when a stage's policy is not
+    the strategy's default; else nothing."""
+    policies = [reduction.position_policy(stage) for stage in reduction.stages]
+    if all(policy == tp.strategy_class(reduction.strategy).positions for policy in policies):
+        return []
+    shown = policies[:1] if len(set(policies)) == 1 else policies
+    return [f"positions={','.join(shown)}"]
 
 
 def _budgets(stages: Sequence[tp.Stage]) -> str:

@@ -2,7 +2,10 @@
 
 The mask oracle runs the *unreduced* model and, from each stage's layer on, masks the removed
 tokens out as keys with a hand-built 4-D mask: the kept tokens' outputs must equal those of
-tokenprune's shortened run. It shares no code with tokenprune's mechanics.
+tokenprune's shortened run. Under the `renumbered` position policy it also gives the layers from
+such a stage the rotary tables of the renumbered ids (`renumbered_ids`, one token at a time), and the
+layer-0 oracle runs the unreduced model on the shortened inputs (`shortened_inputs`). It shares no
+code with tokenprune's mechanics.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from torch import Tensor
 
 import tokenprune as tp
-from tokenprune.testing.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+from tokenprune.testing.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VIDEO_TOKEN_ID
 
 TEXT_IDS = range(10, 120)
 
@@ -114,13 +117,17 @@ def generation_positions(mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def oracle_logits(model, inputs: dict[str, Tensor], trace, appended: int = 0) -> Tensor:
+def oracle_logits(
+    model, inputs: dict[str, Tensor], trace, appended: int = 0, config: tp.ReductionConfig | None = None
+) -> Tensor:
     """Logits of the unreduced model with the trace's removed tokens masked from their layer on.
 
     The last `appended` tokens came after the reduced prompt (a continuation): never removed.
+    `config` gives each stage's position policy (None: `original` everywhere).
     """
     valid = inputs["attention_mask"][:, : inputs["attention_mask"].shape[1] - appended].bool()
     handles = oracle_masks(model, removed_positions(trace, valid), valid, extra=appended)
+    handles += renumbering_hooks(model, inputs, trace, config, appended)
     try:
         return model(
             **inputs, position_ids=generation_positions(inputs["attention_mask"]), use_cache=False
@@ -131,14 +138,21 @@ def oracle_logits(model, inputs: dict[str, Tensor], trace, appended: int = 0) ->
 
 
 @torch.no_grad()
-def oracle_greedy(model, inputs: dict[str, Tensor], trace, steps: int) -> tuple[Tensor, list[Tensor]]:
-    """Greedy continuation without a cache under the mask oracle: (tokens [B, steps], logits per step)."""
+def oracle_greedy(
+    model, inputs: dict[str, Tensor], trace, steps: int, config: tp.ReductionConfig | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """Greedy continuation without a cache under the mask oracle: (tokens [B, steps], logits per step).
+
+    `config` gives each stage's position policy (None: `original` everywhere).
+    """
     valid = inputs["attention_mask"].bool()
     stages = removed_positions(trace, valid)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     tokens, logits = [], []
     for step in range(steps):
         handles = oracle_masks(model, stages, valid, extra=step)
+        grown = {**inputs, "input_ids": ids, "attention_mask": mask}
+        handles += renumbering_hooks(model, grown, trace, config, appended=step)
         try:
             extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
             out = model(
@@ -267,3 +281,180 @@ def class_token_view(
         frame=torch.where(candidates, 0, -1),
         site="vision",
     )
+
+
+# -- the `renumbered` position policy ---------------------------------------------------------------
+
+
+def stage_policies(config: tp.ReductionConfig | None, trace) -> list[str]:
+    """The position policy of each language-model event of `trace` (None: `original` for all); the
+    hand-off of `site: vision` stages (layer 0) follows the last vision stage's."""
+    events = [event for event in trace if event.site == "language"]
+    if config is None:
+        return ["original"] * len(events)
+    stages = {stage.layer: stage for stage in config.stages if stage.site == "language"}
+    vision = [stage for stage in config.stages if stage.site == "vision"]
+    return [config.position_policy(stages.get(event.layer) or vision[-1]) for event in events]
+
+
+def placeholder_items(input_ids: Tensor) -> Tensor:
+    """[B, N] the visual item of each token (a run of consecutive placeholders), -1 for text."""
+    visual = (input_ids == IMAGE_TOKEN_ID) | (input_ids == VIDEO_TOKEN_ID)
+    begins = visual & ~torch.cat([torch.zeros_like(visual[:, :1]), visual[:, :-1]], dim=1)
+    return torch.where(visual, begins.long().cumsum(1) - 1, -1)
+
+
+def renumbered_ids(own: Tensor, items: Tensor, real: Tensor, kept: Tensor) -> Tensor:
+    """`own` [R, B, N] (the model's ids) with the kept real tokens (`kept` [B, N]) renumbered, token by token.
+
+    1-D ids (R = 1): the sample's first id, then + 1 per token. M-RoPE (R > 1): a text token takes
+    `following` in every row; an item's kept tokens take the `following` met at the item + their offset
+    from the item's smallest own id, and `following` becomes that + their largest height or width
+    offset + 1. The other tokens keep their own ids.
+    """
+    new = own.clone()
+    grid = own.shape[0] > 1
+    for b in range(own.shape[1]):
+        ids = own[:, b].T.tolist()  # [N][R]
+        out = [list(row) for row in ids]
+        sample_items, sample_real, sample_kept = items[b].tolist(), real[b].tolist(), kept[b].tolist()
+        origin: dict[int, int] = {}
+        for j, item in enumerate(sample_items):
+            if item >= 0 and sample_real[j]:
+                origin[item] = min(origin.get(item, min(ids[j])), min(ids[j]))
+        following = min(min(ids[j]) for j in range(len(ids)) if sample_real[j])
+        previous, base = -1, 0
+        for j, item in enumerate(sample_items):
+            if not (sample_real[j] and sample_kept[j]):
+                continue
+            item = item if grid else -1
+            if item < 0:
+                out[j] = [following] * len(out[j])
+                following += 1
+            else:
+                base = following if item != previous else base
+                offset = [value - origin[item] for value in ids[j]]
+                out[j] = [base + value for value in offset]
+                following = max(following, base + max(offset[1:]) + 1)
+            previous = item
+        new[:, b] = torch.tensor(out, dtype=own.dtype).T
+    return new
+
+
+def _own_rows(own: Tensor, batch: int) -> Tensor:
+    rows = own if own.ndim == 3 else own[None]
+    return rows.expand(rows.shape[0], batch, rows.shape[-1])
+
+
+def renumbering_hooks(
+    model, inputs: dict[str, Tensor], trace, config: tp.ReductionConfig | None, appended: int = 0
+) -> list:
+    """Pre-hooks giving each decoder layer from a `renumbered` stage on (until the next one) the rotary
+    tables of `renumbered_ids`, computed by the model's own rotary module from the ids it asked for.
+
+    The last `appended` tokens of `inputs` came after the prompt: kept, numbered on from it.
+    """
+    language = model.model.language_model
+    mask = inputs["attention_mask"].bool()
+    valid = mask[:, : mask.shape[1] - appended]
+    events = [event for event in trace if event.site == "language"]
+    removed = removed_positions(events, valid)
+    renumbering = [
+        (layer, torch.cat([valid & ~gone, mask[:, valid.shape[1] :]], dim=1))
+        for (layer, gone), policy in zip(removed, stage_policies(config, trace), strict=True)
+        if policy == "renumbered"
+    ]
+    if not renumbering:
+        return []
+    items, seen = placeholder_items(inputs["input_ids"]), {}
+
+    def capture(module, args, kwargs):
+        seen.clear()
+        seen["own"] = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+
+    handles = [language.rotary_emb.register_forward_pre_hook(capture, with_kwargs=True)]
+    for index, layer in enumerate(language.layers):
+        active = [kept for at, kept in renumbering if at <= index]
+        if not active:
+            continue
+        stage = len(active)
+
+        def hook(module, args, kwargs, kept=active[-1], stage=stage):
+            own = seen["own"]
+            if stage not in seen:
+                seen[stage] = renumbered_ids(_own_rows(own, mask.shape[0]), items, mask, kept)
+            ids = seen[stage] if own.ndim == 3 else seen[stage][0]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return args, {**kwargs, "position_embeddings": language.rotary_emb(hidden, ids)}
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+@torch.no_grad()
+def shortened_inputs(
+    model, inputs: dict[str, Tensor], kept: Tensor, position_ids: Tensor | None = None
+) -> dict[str, Tensor]:
+    """The layer-0 oracle's inputs: the unreduced model's language-model input with the removed tokens
+    deleted (`kept` [B, L], left-filled with -1; features in place), and the ids `renumbered_ids` gives.
+
+    Runs the unreduced model once (with `position_ids`, if given) to read its `inputs_embeds` and the
+    ids it asks its rotary module for.
+    """
+    language, seen = model.model.language_model, {}
+
+    def embeds(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    def positions(module, args, kwargs):
+        seen["own"] = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+
+    with hooked(
+        [
+            language.register_forward_pre_hook(embeds, with_kwargs=True),
+            language.rotary_emb.register_forward_pre_hook(positions, with_kwargs=True),
+        ]
+    ):
+        model(**inputs, position_ids=position_ids, use_cache=False)
+    real = inputs["attention_mask"].bool()
+    own = _own_rows(seen["own"], kept.shape[0])
+    kept_mask = torch.zeros_like(real)
+    for b, row in enumerate(kept):
+        kept_mask[b, row[row >= 0]] = True
+    ids = renumbered_ids(own, placeholder_items(inputs["input_ids"]), real, kept_mask)
+    slots = kept.clamp(min=0)
+    short_ids = ids.gather(2, slots[None].expand(ids.shape[0], -1, -1)).masked_fill(kept[None] < 0, 0)
+    short = seen["embeds"].gather(1, slots[..., None].expand(-1, -1, seen["embeds"].shape[-1]))
+    return {
+        "inputs_embeds": short.masked_fill(kept[..., None] < 0, 0.0),
+        "attention_mask": (kept >= 0).long(),
+        "position_ids": short_ids if seen["own"].ndim == 3 else short_ids[0],
+    }
+
+
+@torch.no_grad()
+def shortened_greedy(
+    model, short: dict[str, Tensor], steps: int, banned: Sequence[int] = ()
+) -> tuple[Tensor, list[Tensor]]:
+    """Greedy tokens [B, steps] of the unreduced model on `shortened_inputs` without a cache, and each
+    step's logits: a new token takes the largest id so far + 1 in every row (`generation_config.
+    suppress_tokens` and `banned` never chosen)."""
+    embed = model.get_input_embeddings()
+    suppressed = [*(model.generation_config.suppress_tokens or []), *banned]
+    grown, tokens, logits = dict(short), [], []
+    for _ in range(steps):
+        last = model(**grown, use_cache=False).logits[:, -1].clone()
+        last[:, suppressed] = float("-inf")
+        nxt = last.argmax(-1)
+        tokens.append(nxt)
+        logits.append(last)
+        ids = grown["position_ids"]
+        rows = ids if ids.ndim == 3 else ids[None]
+        following = (rows.amax(dim=(0, 2)) + 1)[None, :, None].expand(rows.shape[0], -1, 1)
+        rows = torch.cat([rows, following], dim=-1)
+        grown = {
+            "inputs_embeds": torch.cat([grown["inputs_embeds"], embed(nxt)[:, None]], dim=1),
+            "attention_mask": torch.cat([grown["attention_mask"], torch.ones_like(nxt)[:, None]], dim=1),
+            "position_ids": rows if ids.ndim == 3 else rows[0],
+        }
+    return torch.stack(tokens, dim=1), logits

@@ -1,7 +1,8 @@
 """Qwen2-VL / Qwen2.5-VL batches built without a processor; the mask oracle on the model's 3-D positions.
 
 The oracle reuses `oracles.oracle_masks` (a 4-D mask hiding removed tokens as keys from their
-layer on) but never passes position ids: the model computes its M-RoPE positions itself.
+layer on) but never passes position ids: the model computes its M-RoPE positions itself (under the
+`renumbered` policy `oracles.renumbering_hooks` renumbers them from a stage on).
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import tokenprune as tp
 from tokenprune.testing.models import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
     VISION_END_TOKEN_ID,
     VISION_START_TOKEN_ID,
 )
-from tokenprune.testing.oracles import TEXT_IDS, left_padded, oracle_masks, removed_positions
+from tokenprune.testing.oracles import (
+    TEXT_IDS,
+    left_padded,
+    oracle_masks,
+    removed_positions,
+    renumbering_hooks,
+)
 
 MERGE = 2
 
@@ -94,15 +102,21 @@ def qwen_inputs(model, prompts: Sequence[QwenPrompt], seed: int = 0) -> dict[str
     return inputs
 
 
-def _masked(model, inputs: dict[str, Tensor], trace, appended: int = 0) -> list:
+def _masked(
+    model, inputs: dict[str, Tensor], trace, appended: int = 0, config: tp.ReductionConfig | None = None
+) -> list:
     valid = inputs["attention_mask"][:, : inputs["attention_mask"].shape[1] - appended].bool()
-    return oracle_masks(model, removed_positions(trace, valid), valid, extra=appended)
+    masks = oracle_masks(model, removed_positions(trace, valid), valid, extra=appended)
+    return masks + renumbering_hooks(model, inputs, trace, config, appended)
 
 
 @torch.no_grad()
-def qwen_oracle_logits(model, inputs: dict[str, Tensor], trace) -> Tensor:
-    """Prefill logits of the unreduced model, removed tokens masked as keys from their layer on."""
-    handles = _masked(model, inputs, trace)
+def qwen_oracle_logits(
+    model, inputs: dict[str, Tensor], trace, config: tp.ReductionConfig | None = None
+) -> Tensor:
+    """Prefill logits of the unreduced model, removed tokens masked as keys from their layer on
+    (`config`: each stage's position policy; None: `original`)."""
+    handles = _masked(model, inputs, trace, config=config)
     try:
         return model(**inputs, use_cache=False).logits
     finally:
@@ -111,8 +125,11 @@ def qwen_oracle_logits(model, inputs: dict[str, Tensor], trace) -> Tensor:
 
 
 @torch.no_grad()
-def qwen_oracle_greedy(model, inputs: dict[str, Tensor], trace, steps: int) -> tuple[Tensor, list[Tensor]]:
-    """Greedy continuation without a cache under the mask oracle (eos banned, as `min_new_tokens` does)."""
+def qwen_oracle_greedy(
+    model, inputs: dict[str, Tensor], trace, steps: int, config: tp.ReductionConfig | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """Greedy continuation without a cache under the mask oracle (eos banned, as `min_new_tokens` does;
+    `config`: each stage's position policy, None: `original`)."""
     grown = dict(inputs)
     eos = model.generation_config.eos_token_id
     suppressed = [
@@ -121,7 +138,7 @@ def qwen_oracle_greedy(model, inputs: dict[str, Tensor], trace, steps: int) -> t
     ]
     tokens, logits = [], []
     for step in range(steps):
-        handles = _masked(model, grown, trace, appended=step)
+        handles = _masked(model, grown, trace, appended=step, config=config)
         try:
             last = model(**grown, use_cache=False).logits[:, -1].clone()
         finally:

@@ -39,6 +39,8 @@ class Pass:
     vision_slots: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per vision site: (item, token)
     vision_events: list[ReductionEvent] = field(default_factory=list)  # of the towers handed off
     proportional: bool = False  # a merge asked for proportional attention
+    positions: Tensor | None = None  # the ids the model gave its rotary module in this forward
+    shift: Tensor | None = None  # [B] decode positions of the current stage's layers: the model's less this
     events: list[ReductionEvent] = field(default_factory=list)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from tokenprune.core.masks import build_causal_mask
+from tokenprune.core.masks import LayerMasks, build_causal_mask, has_local_rules
 from tokenprune.errors import InputError
 
 # The attribute of a cache object that holds its record (copied along with the cache).
@@ -34,6 +34,7 @@ class CachedStage:
     key_valid: Tensor  # [B, L] bool: real slots among the stage's cached prompt entries
     key_bias: Tensor | None  # [B, L] log(size) per slot, or None
     all_real: bool | None = None  # every slot of key_valid is real: read once, at the first continuation
+    key_positions: Tensor | None = None  # [B, L] original position per slot (-1: filler), for sliding windows
 
     def keys_all_real(self) -> bool:
         """Whether every cached slot of the stage is real (one host read, then remembered)."""
@@ -87,7 +88,7 @@ class CacheLedger:
         if record is None or layer == self.first_layer:
             record = CacheRecord(self.owner, original_length)
             setattr(cache, RECORD_ATTRIBUTE, record)
-        record.stages.append(CachedStage(layer, kept >= 0, bias))
+        record.stages.append(CachedStage(layer, kept >= 0, bias, key_positions=kept))
 
     def past_length(self, cache: Any) -> int | None:
         """Tokens before a new forward, counted in the original sequence, when layer 0 was shortened.
@@ -104,7 +105,11 @@ class CacheLedger:
     def continuation_mask(
         self, cache: Any, layer: int, hidden: Tensor, padding_mask: Tensor | None, config: PretrainedConfig
     ) -> Any:
-        """The mask of new tokens `hidden` [B, q, D] over the kept cache entries of the stage at `layer`."""
+        """The mask of new tokens `hidden` [B, q, D] over the kept cache entries of the stage at `layer`.
+
+        A model with sliding-window layers gets a `LayerMasks` (one mask per kind of layer, each over
+        the entries its cache layer returns, windowed in original positions); others one mask.
+        """
         record = record_of(cache)
         cached = next(stage for stage in record.stages if stage.layer == layer)
         batch, q_length = hidden.shape[:2]
@@ -115,7 +120,9 @@ class CacheLedger:
                 f"{record.original_length} prompt tokens and {new_total} since, this call included"
             )
         new_padding = None if padding_mask is None else padding_mask[:, record.original_length :]
-        if _needs_no_mask(config, cached, q_length, new_padding):
+        local = has_local_rules(config)
+        skipped = _needs_no_mask(config, cached, q_length, new_padding)
+        if skipped and not local:
             return None
         device = hidden.device
         key_valid = cached.key_valid.to(device)
@@ -128,7 +135,11 @@ class CacheLedger:
         if cached.key_bias is not None:
             key_bias = cached.key_bias.to(device)
             bias = torch.cat([key_bias, key_bias.new_zeros(new_valid.shape)], dim=1)
-        return build_causal_mask(config, keys, q_length, hidden.dtype, key_bias=bias)
+        if not local:
+            return build_causal_mask(config, keys, q_length, hidden.dtype, key_bias=bias)
+        since = torch.arange(new_total, device=device) + record.original_length
+        positions = torch.cat([cached.key_positions.to(device), since.expand(batch, -1)], dim=1)
+        return LayerMasks(config, positions, keys, q_length, hidden.dtype, bias, cache, plain_none=skipped)
 
 
 def _needs_no_mask(

@@ -1,9 +1,11 @@
 """The reduction step at a language-model site: pick tokens, gather what the later layers need.
 
-At the site the Reducer picks tokens on a `TokenView`; the step gathers hidden states, rotary
-tables and position ids by original position, builds the mask of the shortened sequence, and
-records the event and the cache's key slots. Every tensor it creates or indexes with follows the
-device of the hidden states the site meets (under a device map they may differ from the inputs').
+At the site the Reducer picks tokens on a `TokenView`; the step gathers hidden states, gives the
+later layers rotary tables and position ids as the stage's position policy has them (`original`:
+gathered by position; `renumbered`: recomputed through the model's rotary module, `positions`),
+builds the mask of the shortened sequence, and records the event and the cache's key slots. Every
+tensor it creates or indexes with follows the device of the hidden states the site meets (under a
+device map they may differ from the inputs').
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from torch import Tensor
 from tokenprune.config import ReductionConfig, Stage
 from tokenprune.contracts.adapter import Adapter
 from tokenprune.contracts.layout import VisualLayout
-from tokenprune.contracts.reducer import Reducer, TokenView, group_counts
+from tokenprune.contracts.reducer import PositionPolicy, Reducer, TokenView, group_counts
 from tokenprune.core.language.forward import Pass, Shortened
 from tokenprune.core.language.ledger import CacheLedger
+from tokenprune.core.language.positions import as_rows, like_model, remember_shift, renumbered
 from tokenprune.core.language.signals import site_signals
-from tokenprune.core.masks import build_causal_mask
+from tokenprune.core.masks import LayerMasks
 from tokenprune.core.merging import follow_groups, initial_groups, key_bias, merge_tokens
 from tokenprune.core.selection import checked_select, reduction_event
 from tokenprune.core.vision_site import VisionSite
@@ -42,12 +45,14 @@ class ReductionStep:
         reducer: Reducer,
         visions: list[VisionSite],
         ledger: CacheLedger,
+        policies: dict[int, PositionPolicy],
     ) -> None:
         self.adapter = adapter
         self.config = config
         self.reducer = reducer
         self.visions = visions
         self.ledger = ledger
+        self.policies = policies  # the position policy of the stage at each layer
 
     def reduce(self, state: Pass, stage: Stage, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The hidden states [B, L', D] the layers from `stage` on see; `state.current` describes them."""
@@ -83,12 +88,49 @@ class ReductionStep:
         state.groups = follow_groups(state.groups, index, survive, into)
         sizes = None if sizes is None else gather_tokens(sizes, inner, 1).masked_fill(kept < 0, 1.0)
         bias = key_bias(sizes) if state.proportional else None
-        state.current = Shortened(kept, self._overrides(kept, kwargs, hidden.dtype, bias), sizes)
+        overrides = self._overrides(kept, kwargs, hidden.dtype, bias)
+        if self.policies[stage.layer] == "renumbered":
+            overrides.update(self._renumbered(state, kept, hidden, kwargs))
+        else:
+            overrides.update(_kept_positions(state.current, kept, inner, kwargs))
+        state.current = Shortened(kept, overrides, sizes)
         state.events.append(
             reduction_event(stage.layer, view, kept, state.layout.visual, state.groups, sizes)
         )
         self.ledger.remember(state.cache, stage.layer, kept, state.restore.shape[1] - 1, bias)
+        remember_shift(state.cache, stage.layer, state.shift, first=stage.layer == self.ledger.first_layer)
         return gather_tokens(hidden, inner, 1)
+
+    def rotary_tables(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) for `positions`, from the language model's own rotary module, on `hidden`'s device."""
+        rotary = self.adapter.rotary_embedding()
+        return tuple(t.to(hidden.device) for t in rotary(hidden, positions.to(hidden.device)))
+
+    def _renumbered(
+        self, state: Pass, kept: Tensor, hidden: Tensor, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Rotary tables and position ids of the kept tokens numbered afresh (`positions.renumbered`).
+
+        Counted from the model's own positions of the whole input (what its rotary module received);
+        `state.shift` becomes the one decode steps of the layers from here on continue with.
+        """
+        own = state.positions
+        if own is None or kwargs.get("position_embeddings") is None:
+            raise InputError(
+                "`positions: renumbered` recomputes the rotary tables that decoder layers receive: this "
+                "language model passed its layers none (or its rotary module was not called)"
+            )
+        batch, device = kept.shape[0], hidden.device
+        real = _padding_valid(state.padding_mask, batch, own.shape[-1], device)
+        segment = state.layout.segment
+        positions, state.shift = renumbered(as_rows(own.to(device), batch), segment, real, kept)
+        tables = self.rotary_tables(hidden, like_model(positions, own))
+        overrides: dict[str, Any] = {"position_embeddings": tables}
+        sequence = kwargs.get("position_ids")  # the layers' 1-D ids (Qwen: the text positions): contiguous
+        if sequence is not None:
+            rows = as_rows(sequence.to(device), batch)
+            overrides["position_ids"] = renumbered(rows[:1], segment, real, kept)[0][0].to(sequence.device)
+        return overrides
 
     def _handoff(self, state: Pass, view: TokenView) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(keep, into, sizes) at layer 0 from the vision towers' reductions of this forward's items.
@@ -145,6 +187,7 @@ class ReductionStep:
             frame=frame,
             frame_budget=budgets if self.config.budget == "per_frame" else None,
             sizes=sizes,
+            kind=gather_tokens(layout.kind, index, 1).masked_fill(~candidates, -1),
         )
 
     def _budgets(
@@ -176,22 +219,31 @@ class ReductionStep:
     def _overrides(
         self, kept: Tensor, kwargs: dict[str, Any], dtype: torch.dtype, bias: Tensor | None
     ) -> dict[str, Any]:
-        """Layer inputs for the shortened sequence: tokens keep their original rotary positions.
-
-        A merged token keeps the position of the token it was merged into (the survivor's own).
-        Tables are gathered where the model keeps them; the mask is built beside `kept`.
-        """
+        """Layer inputs for the shortened sequence besides positions: the mask, built beside `kept`."""
         config = self.adapter.text_config()
         overrides: dict[str, Any] = {
-            "attention_mask": build_causal_mask(config, kept >= 0, kept.shape[1], dtype, key_bias=bias)
+            "attention_mask": LayerMasks(config, kept, kept >= 0, kept.shape[1], dtype, key_bias=bias)
         }
-        rotary = kwargs.get("position_embeddings")
-        if rotary is not None:
-            overrides["position_embeddings"] = tuple(gather_tokens(t, kept.to(t.device), -2) for t in rotary)
-        positions = kwargs.get("position_ids")
-        if positions is not None:
-            overrides["position_ids"] = gather_tokens(positions, kept.to(positions.device), -1)
         return overrides
+
+
+def _kept_positions(
+    current: Shortened | None, kept: Tensor, inner: Tensor, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Rotary tables and position ids of the kept tokens as the layers before the stage had them
+    (the `original` policy): gathered from the model's full-length ones, or from the previous stage's.
+
+    A merged token keeps the position of the token it was merged into (the survivor's own).
+    """
+    source, index = (kwargs, kept) if current is None else (current.overrides, inner)
+    overrides: dict[str, Any] = {}
+    rotary = source.get("position_embeddings")
+    if rotary is not None:
+        overrides["position_embeddings"] = tuple(gather_tokens(t, index.to(t.device), -2) for t in rotary)
+    positions = source.get("position_ids")
+    if positions is not None:
+        overrides["position_ids"] = gather_tokens(positions, index.to(positions.device), -1)
+    return overrides
 
 
 def _padding_valid(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:

@@ -20,12 +20,16 @@ from torch import Tensor, nn
 
 from tokenprune.config import ReductionConfig, Stage
 from tokenprune.contracts.adapter import Adapter
-from tokenprune.contracts.reducer import Reducer
+from tokenprune.contracts.reducer import PositionPolicy, Reducer
 from tokenprune.core.language.forward import Pass, Shortened, cache_of
+from tokenprune.core.language.injections import follow_side_inputs
+from tokenprune.core.language.layer_kinds import layer_inputs
 from tokenprune.core.language.ledger import CacheLedger
 from tokenprune.core.language.lifecycle import Hooks
+from tokenprune.core.language.positions import continued, shift_of
 from tokenprune.core.language.reduction import HANDOFF, ReductionStep
 from tokenprune.core.language.signals import CaptureSlot, watch_site
+from tokenprune.core.masks import layer_types
 from tokenprune.core.selection import ReductionEvent, check_strategy_site
 from tokenprune.core.vision_site import VisionSite
 from tokenprune.errors import AttachError, ConfigError, InputError
@@ -49,7 +53,8 @@ class Session:
         self._pass: Pass | None = None
         self._hooks = Hooks()
         self._ledger = CacheLedger(self.first_layer)
-        self._step = ReductionStep(adapter, config, reducer, self.visions, self._ledger)
+        self.policies = self._position_policies([s for s in config.stages if s.site == "vision"])
+        self._step = ReductionStep(adapter, config, reducer, self.visions, self._ledger, self.policies)
         self._entry_params = _forward_parameters(adapter.entry_module())
 
     def _vision_sites(self, stages: list[Stage]) -> list[VisionSite]:
@@ -65,6 +70,25 @@ class Session:
         self.stages[0] = HANDOFF
         return [VisionSite(tower, stages, self.reducer, self.config.token_order) for tower in towers]
 
+    def _position_policies(self, vision_stages: list[Stage]) -> dict[int, PositionPolicy]:
+        """The position policy of the stage at each layer (the hand-off follows the last vision stage's),
+        refusing `renumbered` where the rotary tables cannot be recomputed."""
+        policies = {layer: self.config.position_policy(stage) for layer, stage in self.stages.items()}
+        if vision_stages:
+            policies[0] = self.config.position_policy(vision_stages[-1])
+        if "renumbered" in policies.values():
+            why = None
+            if self.adapter.rotary_embedding() is None:
+                why = "its adapter names no rotary module (`Adapter.rotary_embedding`) for the tables"
+            elif len(set(layer_types(self.adapter.text_config()))) > 1:
+                why = "its decoder layers come in kinds (sliding and global) with tables of their own"
+            if why is not None:
+                raise AttachError(
+                    f"`positions: renumbered` is not available on adapter {self.adapter.name!r}: {why}; "
+                    "use `positions: original`"
+                )
+        return policies
+
     # -- attaching -------------------------------------------------------------------------------
 
     def install(self) -> None:
@@ -79,6 +103,9 @@ class Session:
         for index in range(self.first_layer, len(layers)):
             hooks.pre(layers[index], self._layer_hook(index))
         hooks.post(layers[-1], self._on_last_layer)
+        if "renumbered" in self.policies.values():
+            hooks.pre(self.adapter.rotary_embedding(), self._on_rotary)
+        follow_side_inputs(self.adapter, lambda: self._pass, layers, hooks)  # after the restore above
         for site in self.visions:
             site.install(hooks)
 
@@ -132,6 +159,12 @@ class Session:
         if finished is not None and finished.mode == "prefill":
             self.trace = finished.vision_events + finished.events
 
+    def _on_rotary(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Keep the position ids the model first asks its rotary module for in a forward (later calls are
+        the core's own, for renumbered tables): renumbering counts from them."""
+        if self._pass is not None and self._pass.positions is None:
+            self._pass.positions = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+
     # -- decoder layers -------------------------------------------------------------------------
 
     def _layer_hook(self, layer: int) -> Callable:
@@ -153,14 +186,27 @@ class Session:
                     state.cache, layer, hidden, state.padding_mask, self.adapter.text_config()
                 )
                 state.current = Shortened(index=None, overrides={"attention_mask": mask})
+                shift = shift_of(state.cache, layer)
+                if shift is not None:  # decode positions continue from the renumbered prompt
+                    tables = self._step.rotary_tables(hidden, continued(state.positions, shift))
+                    state.current.overrides["position_embeddings"] = tables
             if state.current is None:
                 return None
-            kwargs = {**kwargs, **state.current.overrides}
+            current, blocks = state.current, self._blocks(state)
+            config = self.adapter.text_config()
+            overrides = layer_inputs(current.overrides, layer, kwargs, config, current.index, blocks)
+            kwargs = {**kwargs, **overrides}
             if positional:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
         return hook
+
+    def _blocks(self, state: Pass) -> Callable[[], Tensor | None]:
+        """The bidirectional blocks of this prefill by original position (None: causal), asked lazily."""
+        if state.mode != "prefill" or state.layout is None:
+            return lambda: None
+        return lambda: self.adapter.bidirectional_blocks(state.layout.visual)
 
     def _on_last_layer(self, module: nn.Module, args: tuple, output: Tensor):
         """Give the final norm and LM head a full-length sequence again (removed tokens: last state)."""

@@ -1,9 +1,11 @@
 """The signals of a language-model site: what the model computes around it, captured and offered lazily.
 
 Per forward, `Pass.probe_inputs[site]` holds `"before"`: the probe of layer `site - 1` and what its
-attention saw, and `"entering"`: the hidden states entering layer `site` and the rotary tables the
-model passes it (full length), as they are before the site reduces anything. They are dropped with
-the `Pass` at the end of the forward.
+attention saw; `"entering"`: the hidden states entering layer `site` and the rotary tables the
+model passes it (full length), as they are before the site reduces anything; `"embeddings"`: the
+language model's input embeddings (layer 0's input, full length); `"crossed"`: the hidden states
+layer `site - 1` received and returned (its own sequence, the one entering the site). They are
+references to tensors the model computes anyway, dropped with the `Pass` at the end of the forward.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ def watch_site(adapter: Adapter, site: int, slot: CaptureSlot, hooks: Hooks) -> 
             hidden = args[0] if args else kwargs["hidden_states"]
             captured["entering"] = (hidden, kwargs.get("position_embeddings"))
 
-    hooks.pre(adapter.decoder_layers()[site], entering)
+    def embeddings(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        captured = slot()
+        if captured is not None:
+            captured["embeddings"] = args[0] if args else kwargs["hidden_states"]
+
+    layers = adapter.decoder_layers()
+    hooks.pre(layers[site], entering)
+    hooks.pre(layers[0], embeddings)
     if site > 0:
         probe = adapter.probe(site - 1)
 
@@ -43,7 +52,14 @@ def watch_site(adapter: Adapter, site: int, slot: CaptureSlot, hooks: Hooks) -> 
             if captured is not None:
                 captured["before"] = (probe, inputs)
 
+        def crossed(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            captured = slot()
+            if captured is not None:  # after the layer's pre-hooks: the sequence it really ran on
+                received = args[0] if args else kwargs["hidden_states"]
+                captured["crossed"] = (received, output[0] if isinstance(output, tuple) else output)
+
         hooks.add(probe.watch(store))
+        hooks.add([layers[site - 1].register_forward_hook(crossed, with_kwargs=True)])
 
 
 def site_signals(adapter: Adapter, state: Pass, layer: int, valid: Tensor) -> Signals:
@@ -59,6 +75,13 @@ def site_signals(adapter: Adapter, state: Pass, layer: int, valid: Tensor) -> Si
       it (PyramidDrop); available at every site, layer 0 included.
     - `normed_output()` [B, L, D] float32: the hidden states entering the site through the
       language model's final norm (DART's "outputs of layer K-1").
+    - `attention_from(rows)` [B, L]: the attention each token receives at layer K-1 (with RoPE),
+      averaged over heads and over the query rows `rows` [B, L] bool (SparseVLM's text raters);
+      0 in a row without query rows.
+    - `variation()` [B, L]: how much layer K-1 changed each token, the L2 norm of its output minus
+      its input (V2Drop); needs no attention, so it exists under any backend (K >= 1).
+    - `embeddings()` [B, L, D]: the language model's input embeddings of the current tokens
+      (projector outputs for visual tokens, token embeddings for text), at every site.
     Every signal is on the device of `valid` (the hidden states the site meets).
     """
     captured = state.probe_inputs.get(layer, {})
@@ -81,6 +104,15 @@ def site_signals(adapter: Adapter, state: Pass, layer: int, valid: Tensor) -> Si
             inputs, valid, query, rope, visual_keys(over)
         )
         providers["keys"] = lambda rope=False, heads="mean": probe.keys(inputs, rope, heads).to(device)
+        providers["attention_from"] = lambda rows: probe.received_from(inputs, valid, rows)
+    if "crossed" in captured:
+        received, returned = captured["crossed"]
+        providers["variation"] = lambda: (returned.float() - received.float()).norm(dim=-1).to(device)
+    if "embeddings" in captured:
+        embedded = captured["embeddings"]
+        providers["embeddings"] = lambda: (
+            embedded if current is None else gather_tokens(embedded, current.index.to(embedded.device), 1)
+        ).to(device)
     hidden, rotary = captured.get("entering", (None, None))
     norm = adapter.final_norm()
     if hidden is not None and norm is not None:
