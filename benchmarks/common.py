@@ -176,9 +176,9 @@ def llava_description(args: argparse.Namespace) -> str:
     )
 
 
-def llava_model(args: argparse.Namespace) -> nn.Module:
-    """`toy_llava` at the sizes of `args` (a one-layer vision tower: it is never timed)."""
-    size = ToySize(
+def llava_size(args: argparse.Namespace, vision_hidden: int, vision_layers: int) -> ToySize:
+    """The `ToySize` of `llava_arguments`' sizes in `args`, 2-pixel patches and the given vision tower."""
+    return ToySize(
         hidden=args.hidden,
         layers=args.layers,
         heads=args.heads,
@@ -187,9 +187,14 @@ def llava_model(args: argparse.Namespace) -> nn.Module:
         grid=args.grid,
         patch=2,
         vocab=args.vocab,
-        vision_hidden=32,
-        vision_layers=1,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
     )
+
+
+def llava_model(args: argparse.Namespace) -> nn.Module:
+    """`toy_llava` at the sizes of `args` (a one-layer vision tower: it is never timed)."""
+    size = llava_size(args, vision_hidden=32, vision_layers=1)
     return toy_llava(size, attn_implementation="sdpa").to(DTYPES[args.dtype])
 
 

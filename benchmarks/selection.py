@@ -41,7 +41,7 @@ from transformers.utils import logging as hf_logging
 import tokenprune as tp
 from tokenprune.lab.loading import DTYPES
 from tokenprune.lab.timing import synchronizer
-from tokenprune.testing.models import ToySize, toy_llava
+from tokenprune.testing.models import toy_llava
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
@@ -53,6 +53,7 @@ from common import (
     llava_arguments,
     llava_description,
     llava_prompt,
+    llava_size,
     load,
     machine,
     prefill_logits,
@@ -80,18 +81,7 @@ def parse_args() -> argparse.Namespace:
 def selection_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
     """The LLaVA-shaped model of `args` with a 2-layer vision tower (vision-site strategies act there),
     built on `device`."""
-    size = ToySize(
-        hidden=args.hidden,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        intermediate=args.intermediate,
-        grid=args.grid,
-        patch=2,
-        vocab=args.vocab,
-        vision_hidden=args.vision_hidden,
-        vision_layers=VISION_LAYERS,
-    )
+    size = llava_size(args, vision_hidden=args.vision_hidden, vision_layers=VISION_LAYERS)
     with torch.device(device):
         return toy_llava(size, attn_implementation="sdpa").to(DTYPES[args.dtype])
 

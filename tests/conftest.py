@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 import tokenprune as tp
+from tokenprune.lab.config import load_ablation_config
+from tokenprune.lab.grid import expand_grid
 from tokenprune.testing.models import ToySize, toy_llava, toy_llava_next, toy_video_llava
 
 # HYPOTHESIS_PROFILE picks how hard the property tests search: `ci` (the default) runs 12 derandomised
@@ -34,6 +38,24 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 BUILT_IN_STRATEGIES = tuple(
     name for name in tp.list_strategies() if "language" in tp.strategy_class(name).sites
 )
+
+PAPER_GRID_STRATEGIES = {"fastv", "random", "uniform", "tome", "divprune", "dart", "pdrop", "feather"}
+
+
+@torch.no_grad()
+def assert_every_paper_grid_cell_reduces(
+    config_name: str, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], visual: Sequence[int]
+) -> None:
+    """Run every reduced cell of configs/<config_name> on `model`: each keeps its last stage's budget
+    of the `visual` tokens per sample, so a paper grid cannot ship a cell the model's depth refuses."""
+    config = load_ablation_config(Path(__file__).parents[1] / "configs" / config_name)
+    cells = expand_grid(config, dataset="-")[1:]
+    assert {cell.reduction.strategy for cell in cells} == PAPER_GRID_STRATEGIES
+    for cell in cells:
+        with tp.attach(model, cell.reduction) as handle:
+            model(**inputs)
+            expected = [cell.reduction.stages[-1].kept_count(n) for n in visual]
+            assert handle.trace[-1].visual_after == expected, cell.label
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import assert_every_paper_grid_cell_reduces
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -26,14 +27,11 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-import tokenprune as tp
 from tokenprune.builtin.models import word_tokenizer
 from tokenprune.builtin.toyvqa import IMAGE_SIZE, vocabulary
 from tokenprune.lab.batches import prompt_text
 from tokenprune.lab.cli import main
-from tokenprune.lab.config import load_ablation_config
 from tokenprune.lab.datasets import load_samples
-from tokenprune.lab.grid import expand_grid
 from tokenprune.lab.results import read_rows
 from tokenprune.testing.models import PAD_TOKEN_ID, ToySize, qwen_token_ids, toy_qwen2_vl
 from tokenprune.testing.qwen_inputs import Item, QwenPrompt, qwen_inputs
@@ -187,16 +185,7 @@ def test_the_processors_own_image_token_also_marks_where_the_images_go(mark):
 @torch.no_grad()
 def test_every_cell_of_the_qwen2_vl_paper_grid_reduces_a_model_of_its_depth():
     """configs/paper-grid-qwen2-vl.yaml on a Qwen2-VL with Qwen2-VL-2B's 28 decoder layers (tiny width)."""
-    config = load_ablation_config(Path(__file__).parents[1] / "configs" / "paper-grid-qwen2-vl.yaml")
     model = toy_qwen2_vl(ToySize(hidden=32, layers=28, intermediate=64), seed=2)
     prompts = [QwenPrompt([3, 4], [Item((1, 12, 12))]), QwenPrompt([2, 5], [Item((1, 8, 12))])]
     inputs = qwen_inputs(model, prompts)  # 36 and 24 visual tokens, left-padded
-    cells = expand_grid(config, dataset="-")[1:]
-    assert {cell.reduction.strategy for cell in cells} == {
-        "fastv", "random", "uniform", "tome", "divprune", "dart", "pdrop", "feather"
-    }  # fmt: skip
-    for cell in cells:
-        with tp.attach(model, cell.reduction) as handle:
-            model(**inputs)
-            expected = [cell.reduction.stages[-1].kept_count(n) for n in (36, 24)]
-            assert handle.trace[-1].visual_after == expected, cell.label
+    assert_every_paper_grid_cell_reduces("paper-grid-qwen2-vl.yaml", model, inputs, [36, 24])

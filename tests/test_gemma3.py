@@ -9,16 +9,12 @@ tokens with the cache equal the oracle's without one.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import BUILT_IN_STRATEGIES
+from conftest import BUILT_IN_STRATEGIES, assert_every_paper_grid_cell_reduces
 
 import tokenprune as tp
 from tokenprune.errors import AttachError, ConfigError, InputError
-from tokenprune.lab.config import load_ablation_config
-from tokenprune.lab.grid import expand_grid
 from tokenprune.testing import exactness
 from tokenprune.testing.families.gemma3 import FAMILY, toy_gemma3
 from tokenprune.testing.family import Family, Sample
@@ -181,16 +177,7 @@ def test_refusals_say_why(gemma_sdpa):
 @torch.no_grad()
 def test_every_cell_of_the_gemma3_paper_grid_reduces_a_model_of_its_depth():
     """configs/paper-grid-gemma3.yaml on a Gemma 3 with Gemma-3-4B's 34 layers (5 sliding : 1 global)."""
-    config = load_ablation_config(Path(__file__).parents[1] / "configs" / "paper-grid-gemma3.yaml")
     kinds = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)]
     model = toy_gemma3(seed=2, layer_types=kinds, hidden=32)
     inputs = FAMILY.inputs(model, [Sample((3, 2, 4), 2), Sample((2, 5), 1)], 0)  # 18 and 9 visual tokens
-    cells = expand_grid(config, dataset="-")[1:]
-    assert {cell.reduction.strategy for cell in cells} == {
-        "fastv", "random", "uniform", "tome", "divprune", "dart", "pdrop", "feather"
-    }  # fmt: skip
-    for cell in cells:
-        with tp.attach(model, cell.reduction) as handle:
-            model(**inputs)
-            expected = [cell.reduction.stages[-1].kept_count(n) for n in (18, 9)]
-            assert handle.trace[-1].visual_after == expected, cell.label
+    assert_every_paper_grid_cell_reduces("paper-grid-gemma3.yaml", model, inputs, [18, 9])

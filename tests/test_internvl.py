@@ -7,15 +7,20 @@ test_llava_onevision.py.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from conftest import BUILT_IN_STRATEGIES
+from conftest import BUILT_IN_STRATEGIES, assert_every_paper_grid_cell_reduces
 from hypothesis import given
 from hypothesis import strategies as st
-from test_llava_onevision import IDENTITY_TOL, assert_matches_oracles, kept_rows, run
+from test_llava_onevision import (
+    assert_batch_equals_each_sample_alone,
+    assert_detach_restores_outputs_exactly,
+    assert_matches_oracles,
+    assert_ratio_zero_is_identity,
+    kept_rows,
+    run,
+)
 from tokenprune.adapters.internvl import InternVLAdapter
 from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
@@ -23,12 +28,8 @@ import tokenprune as tp
 from tokenprune.builtin.models import word_tokenizer
 from tokenprune.builtin.toyvqa import vocabulary
 from tokenprune.contracts.layout import SEGMENT_KINDS
-from tokenprune.lab.config import load_ablation_config
-from tokenprune.lab.grid import expand_grid
 from tokenprune.testing.families.internvl import tiled_inputs, toy_internvl
 from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize
-from tokenprune.testing.oracles import assert_same_greedy
-from tokenprune.testing.oracles import greedy as greedy_with_logits
 
 STRATEGIES = list(BUILT_IN_STRATEGIES)
 PRUNING = [name for name in STRATEGIES if not tp.strategy_class(name).merges]
@@ -144,13 +145,8 @@ def test_per_frame_budget_gives_each_tile_its_share(internvl, strategy):
 @torch.no_grad()
 @pytest.mark.parametrize(("strategy", "attn"), [*((s, "sdpa") for s in STRATEGIES), ("fastv", "eager")])
 def test_ratio_zero_is_identity(models, strategy, attn):
-    model, inputs = models[attn], tiled_inputs(models[attn], MIXED)
-    reference, reference_tokens = run(model, inputs).logits, greedy_with_logits(model, inputs, 3)[0]
-    with tp.attach(model, tp.ReductionConfig(strategy=strategy, layer=1, ratio=0.0)):
-        logits, tokens = run(model, inputs).logits, greedy_with_logits(model, inputs, 3)[0]
-    real = inputs["attention_mask"].bool()
-    assert (logits - reference)[real].abs().max() <= IDENTITY_TOL
-    assert torch.equal(tokens, reference_tokens)
+    config = tp.ReductionConfig(strategy=strategy, layer=1, ratio=0.0)
+    assert_ratio_zero_is_identity(models[attn], tiled_inputs(models[attn], MIXED), config)
 
 
 @torch.no_grad()
@@ -178,47 +174,20 @@ def test_mask_oracle_on_drawn_batches(internvl, batch, layer, ratio):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_batch_equals_each_sample_alone(internvl, strategy):
     """Samples of two images, one image and none, each as it would be alone."""
-    batch = [[2, 3, 1, 1, 2], [1, 5, 0], [4]]
-    inputs = tiled_inputs(internvl, batch)
-    pad = (1 - inputs["attention_mask"]).sum(1)
-    config = tp.ReductionConfig(strategy=strategy, layer=2, ratio=0.5, budget="per_frame")
-    with tp.attach(internvl, config) as handle:
-        together = greedy_with_logits(internvl, inputs, 3)[0]
-        kept_together = kept_rows(handle.trace)
-        for b, prompt in enumerate(batch):
-            alone, logits = greedy_with_logits(internvl, tiled_inputs(internvl, [prompt], seed=b), 3)
-            assert [p - int(pad[b]) for p in kept_together[b]] == kept_rows(handle.trace)[0]
-            assert_same_greedy(together[b : b + 1], alone, logits)
+    assert_batch_equals_each_sample_alone(internvl, tiled_inputs, [[2, 3, 1, 1, 2], [1, 5, 0], [4]], strategy)
 
 
 @torch.no_grad()
 def test_detach_restores_outputs_exactly(internvl):
-    inputs = tiled_inputs(internvl, MIXED)
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in internvl.modules())
-    before = run(internvl, inputs).logits
-    handle = tp.attach(internvl, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.75))
-    reduced = run(internvl, inputs).logits
-    handle.detach()
-    assert not torch.equal(reduced, before)
-    assert torch.equal(run(internvl, inputs).logits, before)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in internvl.modules()) == hooks
+    assert_detach_restores_outputs_exactly(internvl, tiled_inputs(internvl, MIXED))
 
 
 @torch.no_grad()
 def test_every_cell_of_the_paper_grid_reduces_a_model_of_its_depth():
     """configs/paper-grid-internvl.yaml on a toy with InternVL3-1B's 24 decoder layers."""
-    config = load_ablation_config(Path(__file__).parents[1] / "configs" / "paper-grid-internvl.yaml")
     model = toy_internvl(ToySize(hidden=32, layers=24, intermediate=64), seed=2)
     inputs = tiled_inputs(model, [[2, 3, 1, 1, 2], [1, 5, 1]])
-    cells = expand_grid(config, dataset="-")[1:]
-    assert {cell.reduction.strategy for cell in cells} == {
-        "fastv", "random", "uniform", "tome", "divprune", "dart", "pdrop", "feather"
-    }  # fmt: skip
-    for cell in cells:
-        with tp.attach(model, cell.reduction) as handle:
-            model(**inputs)
-            expected = [cell.reduction.stages[-1].kept_count(n) for n in (4 * TILE, 5 * TILE)]
-            assert handle.trace[-1].visual_after == expected, cell.label
+    assert_every_paper_grid_cell_reduces("paper-grid-internvl.yaml", model, inputs, [4 * TILE, 5 * TILE])
 
 
 # -- the real processor ----------------------------------------------------------------------------

@@ -10,13 +10,12 @@ padded batch equal to the sample alone.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import BUILT_IN_STRATEGIES
+from conftest import BUILT_IN_STRATEGIES, assert_every_paper_grid_cell_reduces
 from hypothesis import given
 from hypothesis import strategies as st
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
@@ -27,8 +26,6 @@ import tokenprune as tp
 from tokenprune.builtin.models import word_tokenizer
 from tokenprune.builtin.toyvqa import vocabulary
 from tokenprune.contracts.reducer import split_budget
-from tokenprune.lab.config import load_ablation_config
-from tokenprune.lab.grid import expand_grid
 from tokenprune.testing.families.llava_onevision import media_inputs, toy_llava_onevision
 from tokenprune.testing.models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, ToySize
 from tokenprune.testing.oracles import assert_same_greedy, generation_positions, oracle_greedy, oracle_logits
@@ -198,9 +195,14 @@ def test_per_frame_budget_gives_each_frame_and_grid_its_share(onevision, strateg
 @torch.no_grad()
 @pytest.mark.parametrize(("strategy", "attn"), [*((s, "sdpa") for s in STRATEGIES), ("fastv", "eager")])
 def test_ratio_zero_is_identity(models, strategy, attn):
-    model, inputs = models[attn], media_inputs(models[attn], MIXED)
+    config = tp.ReductionConfig(strategy=strategy, layer=1, ratio=0.0, budget="per_frame")
+    assert_ratio_zero_is_identity(models[attn], media_inputs(models[attn], MIXED), config)
+
+
+def assert_ratio_zero_is_identity(model, inputs, config):
+    """At ratio 0: prefill logits within IDENTITY_TOL, greedy tokens equal to the unattached run's."""
     reference, reference_tokens = run(model, inputs).logits, greedy_with_logits(model, inputs, 3)[0]
-    with tp.attach(model, tp.ReductionConfig(strategy=strategy, layer=1, ratio=0.0, budget="per_frame")):
+    with tp.attach(model, config):
         logits, tokens = run(model, inputs).logits, greedy_with_logits(model, inputs, 3)[0]
     real = inputs["attention_mask"].bool()
     assert (logits - reference)[real].abs().max() <= IDENTITY_TOL
@@ -251,14 +253,20 @@ def test_mask_oracle_on_drawn_batches(onevision, batch, layer, ratio):
 def test_batch_equals_each_sample_alone(onevision, strategy):
     """Samples of one, two and no images, and a video: each as it would be alone."""
     batch = [[2, "image", 3], [1, "image", 2, "image", 1, "video", 2], [4], [1, "video", 1]]
-    inputs = media_inputs(onevision, batch)
+    assert_batch_equals_each_sample_alone(onevision, media_inputs, batch, strategy)
+
+
+def assert_batch_equals_each_sample_alone(model, build_inputs, batch, strategy: str):
+    """Each sample of the padded `batch` (inputs from `build_inputs(model, prompts, seed=...)`) keeps the
+    same tokens and generates the same greedy tokens as it does alone."""
+    inputs = build_inputs(model, batch)
     pad = (1 - inputs["attention_mask"]).sum(1)
     config = tp.ReductionConfig(strategy=strategy, layer=2, ratio=0.5, budget="per_frame")
-    with tp.attach(onevision, config) as handle:
-        together = greedy_with_logits(onevision, inputs, 3)[0]
+    with tp.attach(model, config) as handle:
+        together = greedy_with_logits(model, inputs, 3)[0]
         kept_together = kept_rows(handle.trace)
         for b, prompt in enumerate(batch):
-            alone, logits = greedy_with_logits(onevision, media_inputs(onevision, [prompt], seed=b), 3)
+            alone, logits = greedy_with_logits(model, build_inputs(model, [prompt], seed=b), 3)
             assert [p - int(pad[b]) for p in kept_together[b]] == kept_rows(handle.trace)[0]
             assert_same_greedy(together[b : b + 1], alone, logits)
 
@@ -285,33 +293,28 @@ def test_decode_positions_equal_the_unreduced_runs(onevision):
 
 @torch.no_grad()
 def test_detach_restores_outputs_exactly(onevision):
-    inputs = media_inputs(onevision, MIXED)
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in onevision.modules())
-    before = run(onevision, inputs).logits
-    handle = tp.attach(onevision, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.75))
-    reduced = run(onevision, inputs).logits
+    assert_detach_restores_outputs_exactly(onevision, media_inputs(onevision, MIXED))
+
+
+def assert_detach_restores_outputs_exactly(model, inputs):
+    """A FastV attachment changes the logits; detaching restores them bit for bit and leaves no hook."""
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    before = run(model, inputs).logits
+    handle = tp.attach(model, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.75))
+    reduced = run(model, inputs).logits
     handle.detach()
     assert not torch.equal(reduced, before)
-    assert torch.equal(run(onevision, inputs).logits, before)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in onevision.modules()) == hooks
+    assert torch.equal(run(model, inputs).logits, before)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
 
 
 @torch.no_grad()
 def test_every_cell_of_the_paper_grid_reduces_a_model_of_its_depth():
     """configs/paper-grid-llava-onevision.yaml on a toy with LLaVA-OneVision-0.5B's 24 decoder layers."""
-    config = load_ablation_config(Path(__file__).parents[1] / "configs" / "paper-grid-llava-onevision.yaml")
     model = toy_llava_onevision(ToySize(hidden=32, layers=24, intermediate=64), seed=2)
     inputs = media_inputs(model, [[2, "image", 3], [1, "image", 2, "image", 1]])
     visual = [36 + 60, 36 + 36]
-    cells = expand_grid(config, dataset="-")[1:]
-    assert {cell.reduction.strategy for cell in cells} == {
-        "fastv", "random", "uniform", "tome", "divprune", "dart", "pdrop", "feather"
-    }  # fmt: skip
-    for cell in cells:
-        with tp.attach(model, cell.reduction) as handle:
-            model(**inputs)
-            expected = [cell.reduction.stages[-1].kept_count(n) for n in visual]
-            assert handle.trace[-1].visual_after == expected, cell.label
+    assert_every_paper_grid_cell_reduces("paper-grid-llava-onevision.yaml", model, inputs, visual)
 
 
 # -- the real processor ----------------------------------------------------------------------------

@@ -175,9 +175,15 @@ def test_uniform_per_frame_takes_the_same_lattice_in_every_frame(qwen):
 def test_fastv_keeps_the_tokens_eager_attention_ranks_first(qwen_models):
     """The probe's scores on the folded M-RoPE tables equal the attention eager returns at layer K-1."""
     model = qwen_models["eager"]
-    inputs = qwen_inputs(model, MIXED[:1])
+    fastv = tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.75)
+    assert_fastv_keeps_the_top_of_eager_attention(model, qwen_inputs(model, MIXED[:1]), fastv)
+
+
+def assert_fastv_keeps_the_top_of_eager_attention(model, inputs: dict, fastv: tp.ReductionConfig) -> None:
+    """FastV at layer 2, ratio 0.75 on a sample of 14 visual tokens keeps the 4 that the last query's
+    head-averaged eager attention at layer 1 ranks first."""
     maps = model(**inputs, use_cache=False, output_attentions=True).attentions[1].mean(dim=1)[0, -1]
-    with tp.attach(model, tp.ReductionConfig(strategy="fastv", layer=2, ratio=0.75)) as handle:
+    with tp.attach(model, fastv) as handle:
         model(**inputs, use_cache=False)
         kept = handle.trace[0].kept[0]
     ids = inputs["input_ids"][0]
@@ -233,13 +239,19 @@ def test_qwen2_5_matches_the_mask_oracle(qwen25, strategy, layer):
 @torch.no_grad()
 @given(batch=st.lists(prompts, min_size=2, max_size=3), config=configs(STRATEGIES))
 def test_batch_equals_each_sample_alone(qwen, batch, config):
-    inputs = qwen_inputs(qwen, batch)
+    assert_batch_equals_each_sample_alone(qwen, batch, config)
+
+
+def assert_batch_equals_each_sample_alone(model, batch: list, config: tp.ReductionConfig) -> None:
+    """Each sample of the left-padded `batch` keeps the same tokens and generates the same greedy tokens
+    as it does alone."""
+    inputs = qwen_inputs(model, batch)
     pad = (1 - inputs["attention_mask"]).sum(1)
-    with tp.attach(qwen, config) as handle:
-        together, _ = greedy(qwen, inputs, 3)
+    with tp.attach(model, config) as handle:
+        together, _ = greedy(model, inputs, 3)
         kept_together = handle.trace[0].kept
         for b, prompt in enumerate(batch):
-            alone, logits = greedy(qwen, qwen_inputs(qwen, [prompt], seed=b), 3)
+            alone, logits = greedy(model, qwen_inputs(model, [prompt], seed=b), 3)
             kept_alone = handle.trace[0].kept[0]
             row = kept_together[b]
             assert torch.equal(row[row >= 0] - pad[b], kept_alone[kept_alone >= 0])
@@ -260,26 +272,37 @@ def test_positions_equal_the_unreduced_run(qwen, batch, layer, ratio, strategy):
     """Kept tokens keep their 3-D rotary tables; every decode step gets the unreduced run's positions."""
     inputs = qwen_inputs(qwen, batch)
     steps, watched = 3, sorted({0, layer, 3})
-    seen, handles = layer_inputs(qwen, watched)
-    qwen.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    for h in handles:
-        h.remove()
-    unreduced = seen
+    unreduced = generated_layer_inputs(qwen, inputs, steps, watched)
     with tp.attach(qwen, tp.ReductionConfig(strategy=strategy, layer=layer, ratio=ratio)) as handle:
-        seen, handles = layer_inputs(qwen, watched)  # after attaching: sees what the layers get
-        qwen.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        reduced = generated_layer_inputs(qwen, inputs, steps, watched)
+        kept = handle.trace[0].kept
+    assert_positions_equal_the_unreduced_run(reduced, unreduced, kept, layer, steps)
+
+
+def generated_layer_inputs(model, inputs: dict, steps: int, watched: list[int]) -> dict[int, list[dict]]:
+    """The keyword inputs of the `watched` decoder layers at every forward of a greedy `generate`
+    (hooked after any attachment: what the layers get)."""
+    seen, handles = layer_inputs(model, watched)
+    try:
+        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    finally:
         for h in handles:
             h.remove()
-        kept = handle.trace[0].kept
+    return seen
+
+
+def assert_positions_equal_the_unreduced_run(reduced, unreduced, kept, layer: int, steps: int) -> None:
+    """Kept tokens keep their rotary tables at the stage's `layer`; every decode step of every watched
+    layer gets the unreduced run's position ids and tables."""
     for got, want in zip(
-        seen[layer][0]["position_embeddings"], unreduced[layer][0]["position_embeddings"], strict=True
+        reduced[layer][0]["position_embeddings"], unreduced[layer][0]["position_embeddings"], strict=True
     ):
         want = want.expand(len(kept), -1, -1)
         for b, row in enumerate(kept):
             assert torch.equal(got[b, row >= 0], want[b, row[row >= 0]])
-    for i in watched:
+    for i in reduced:
         for step in range(1, steps):
-            got, want = seen[i][step], unreduced[i][step]
+            got, want = reduced[i][step], unreduced[i][step]
             assert torch.equal(got["position_ids"], want["position_ids"])
             for a, b in zip(got["position_embeddings"], want["position_embeddings"], strict=True):
                 assert torch.equal(a, b)

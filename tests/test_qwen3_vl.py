@@ -17,10 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BUILT_IN_STRATEGIES
+from conftest import BUILT_IN_STRATEGIES, assert_every_paper_grid_cell_reduces
 from hypothesis import given
 from hypothesis import strategies as st
 from test_ablate_qwen2_vl import PROMPT, toy_qwen_processor
+from test_qwen2_vl import (
+    assert_batch_equals_each_sample_alone,
+    assert_fastv_keeps_the_top_of_eager_attention,
+    assert_positions_equal_the_unreduced_run,
+    generated_layer_inputs,
+)
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
 from transformers.models.qwen3_vl import Qwen3VLProcessor
 
@@ -29,8 +35,6 @@ from tokenprune.contracts.adapter import replace_attribute
 from tokenprune.contracts.layout import grid_coords
 from tokenprune.core.language.injections import follow_packed
 from tokenprune.lab.cli import main
-from tokenprune.lab.config import load_ablation_config
-from tokenprune.lab.grid import expand_grid
 from tokenprune.lab.results import read_rows
 from tokenprune.testing.families.qwen3_vl import (
     TIMESTAMP_TOKENS,
@@ -40,7 +44,7 @@ from tokenprune.testing.families.qwen3_vl import (
     toy_qwen3_vl_moe,
 )
 from tokenprune.testing.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VIDEO_TOKEN_ID
-from tokenprune.testing.oracles import assert_same_greedy, greedy
+from tokenprune.testing.oracles import assert_same_greedy
 from tokenprune.testing.qwen_inputs import Item, qwen_inputs, qwen_oracle_greedy, qwen_oracle_logits
 
 LOGIT_TOL = 1e-4
@@ -258,29 +262,7 @@ prompts = st.builds(
     layer=st.integers(0, 3),
 )
 def test_batch_equals_each_sample_alone(qwen3, batch, strategy, layer):
-    inputs = qwen_inputs(qwen3, batch)
-    pad = (1 - inputs["attention_mask"]).sum(1)
-    with tp.attach(qwen3, config(strategy, signal_layer(strategy, layer))) as handle:
-        together, _ = greedy(qwen3, inputs, 3)
-        kept_together = handle.trace[0].kept
-        for b, prompt in enumerate(batch):
-            alone, logits = greedy(qwen3, qwen_inputs(qwen3, [prompt], seed=b), 3)
-            kept_alone = handle.trace[0].kept[0]
-            row = kept_together[b]
-            assert torch.equal(row[row >= 0] - pad[b], kept_alone[kept_alone >= 0])
-            assert_same_greedy(together[b : b + 1], alone, logits)
-
-
-def layer_inputs(model, layers: list[int]):
-    """Pre-hooks recording the keyword inputs of the given decoder layers at every forward."""
-    seen: dict[int, list[dict]] = {i: [] for i in layers}
-    handles = [
-        model.model.language_model.layers[i].register_forward_pre_hook(
-            lambda m, a, kw, i=i: seen[i].append(kw), with_kwargs=True
-        )
-        for i in layers
-    ]
-    return seen, handles
+    assert_batch_equals_each_sample_alone(qwen3, batch, config(strategy, signal_layer(strategy, layer)))
 
 
 @torch.no_grad()
@@ -288,30 +270,11 @@ def layer_inputs(model, layers: list[int]):
 def test_decode_positions_equal_the_unreduced_run(qwen3, layer):
     inputs = qwen_inputs(qwen3, MIXED)
     steps, watched = 3, sorted({0, layer, 3})
-    runs = []
-    for cfg in (None, config("random", layer, 0.6)):
-        handle = None if cfg is None else tp.attach(qwen3, cfg)
-        seen, hooks = layer_inputs(qwen3, watched)
-        qwen3.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-        for h in hooks:
-            h.remove()
-        kept = None if handle is None else handle.trace[0].kept
-        if handle is not None:
-            handle.detach()
-        runs.append(seen)
-    unreduced, reduced = runs
-    for got, want in zip(
-        reduced[layer][0]["position_embeddings"], unreduced[layer][0]["position_embeddings"], strict=True
-    ):
-        want = want.expand(len(kept), -1, -1)
-        for b, row in enumerate(kept):
-            assert torch.equal(got[b, row >= 0], want[b, row[row >= 0]])
-    for i in watched:
-        for step in range(1, steps):
-            got, want = reduced[i][step], unreduced[i][step]
-            assert torch.equal(got["position_ids"], want["position_ids"])
-            for a, b in zip(got["position_embeddings"], want["position_embeddings"], strict=True):
-                assert torch.equal(a, b)
+    unreduced = generated_layer_inputs(qwen3, inputs, steps, watched)
+    with tp.attach(qwen3, config("random", layer, 0.6)) as handle:
+        reduced = generated_layer_inputs(qwen3, inputs, steps, watched)
+        kept = handle.trace[0].kept
+    assert_positions_equal_the_unreduced_run(reduced, unreduced, kept, layer, steps)
 
 
 # -- attention signals ---------------------------------------------------------------------------
@@ -321,15 +284,9 @@ def test_decode_positions_equal_the_unreduced_run(qwen3, layer):
 def test_fastv_keeps_the_tokens_eager_attention_ranks_first(models):
     """The probe applies the per-head q/k norms: its scores equal the attention eager returns at K-1."""
     model = models["eager"]
-    inputs = qwen_inputs(model, MIXED[:1])
-    maps = model(**inputs, use_cache=False, output_attentions=True).attentions[1].mean(dim=1)[0, -1]
-    with tp.attach(model, config("fastv", 2, 0.75)) as handle:
-        model(**inputs, use_cache=False)
-        kept = handle.trace[0].kept[0]
-    ids = inputs["input_ids"][0]
-    visual = ((ids == IMAGE_TOKEN_ID) | (ids == VIDEO_TOKEN_ID)).nonzero().squeeze(1)
-    expected = visual[maps[visual].topk(4).indices].sort().values  # round(14 * 0.25)
-    assert torch.equal(kept[torch.isin(kept, visual)], expected)
+    assert_fastv_keeps_the_top_of_eager_attention(
+        model, qwen_inputs(model, MIXED[:1]), config("fastv", 2, 0.75)
+    )
 
 
 # -- the MoE variant, refusals, detaching --------------------------------------------------------------
@@ -370,19 +327,10 @@ def test_detach_leaves_nothing(qwen3):
 @torch.no_grad()
 def test_every_cell_of_the_qwen3_vl_paper_grid_reduces_a_model_of_its_depth():
     """configs/paper-grid-qwen3-vl.yaml on a Qwen3-VL with Qwen3-VL-2B's 28 decoder layers (tiny width)."""
-    config = load_ablation_config(Path(__file__).parents[1] / "configs" / "paper-grid-qwen3-vl.yaml")
     model = toy_qwen3_vl(ToySize(hidden=32, layers=28, intermediate=64), seed=2)
     prompts = [TimedPrompt([3, 4], [Item((1, 12, 12))]), TimedPrompt([2, 5], [Item((1, 8, 12))])]
     inputs = qwen_inputs(model, prompts)  # 36 and 24 visual tokens, left-padded
-    cells = expand_grid(config, dataset="-")[1:]
-    assert {cell.reduction.strategy for cell in cells} == {
-        "fastv", "random", "uniform", "tome", "divprune", "dart", "pdrop", "feather"
-    }  # fmt: skip
-    for cell in cells:
-        with tp.attach(model, cell.reduction) as handle:
-            model(**inputs)
-            expected = [cell.reduction.stages[-1].kept_count(n) for n in (36, 24)]
-            assert handle.trace[-1].visual_after == expected, cell.label
+    assert_every_paper_grid_cell_reduces("paper-grid-qwen3-vl.yaml", model, inputs, [36, 24])
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ scaled down to run on two CPU cores.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -44,26 +45,39 @@ class ToySize:
     vision_layers: int = 2
 
 
+def decoder_sizes(size: ToySize) -> dict[str, int]:
+    """The decoder sizes every toy's text config shares (Llama, Qwen2 and Qwen-VL spell them alike)."""
+    return {
+        "vocab_size": size.vocab,
+        "hidden_size": size.hidden,
+        "intermediate_size": size.intermediate,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "max_position_embeddings": 4096,
+        "pad_token_id": PAD_TOKEN_ID,
+    }
+
+
+def vision_tower_sizes(size: ToySize) -> dict[str, int]:
+    """The ViT sizes the CLIP, SigLIP and InternVL toy towers share: 2 heads, an MLP twice as wide."""
+    return {
+        "hidden_size": size.vision_hidden,
+        "intermediate_size": size.vision_hidden * 2,
+        "num_hidden_layers": size.vision_layers,
+        "num_attention_heads": 2,
+    }
+
+
 def text_config(size: ToySize, attn_implementation: str) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_TOKEN_ID,
-        attn_implementation=attn_implementation,
-    )
+    """The toy LLaVAs' Llama decoder."""
+    return LlamaConfig(**decoder_sizes(size), attn_implementation=attn_implementation)
 
 
 def vision_config(size: ToySize) -> CLIPVisionConfig:
+    """The toy LLaVAs' CLIP tower: `size.grid ** 2` patches per image."""
     return CLIPVisionConfig(
-        hidden_size=size.vision_hidden,
-        intermediate_size=size.vision_hidden * 2,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=2,
+        **vision_tower_sizes(size),
         image_size=size.grid * size.patch,
         patch_size=size.patch,
         projection_dim=size.vision_hidden,
@@ -82,8 +96,7 @@ def toy_llava(
         vision_feature_select_strategy="default",
         attn_implementation=attn_implementation,
     )
-    torch.manual_seed(seed)
-    return _no_placeholder_generation(LlavaForConditionalGeneration(config).eval())
+    return seeded_model(LlavaForConditionalGeneration, config, seed)
 
 
 def toy_llava_next(
@@ -100,13 +113,17 @@ def toy_llava_next(
         vision_feature_select_strategy="default",
         attn_implementation=attn_implementation,
     )
+    return seeded_model(LlavaNextForConditionalGeneration, config, seed)
+
+
+def seeded_model(
+    model_class: type[M], config: PretrainedConfig, seed: int, placeholders: Sequence[int] = (IMAGE_TOKEN_ID,)
+) -> M:
+    """`model_class(config)` with weights drawn from `seed`, in eval mode, never generating `placeholders`
+    (random weights may favour a placeholder id; a real model never generates one)."""
     torch.manual_seed(seed)
-    return _no_placeholder_generation(LlavaNextForConditionalGeneration(config).eval())
-
-
-def _no_placeholder_generation(model: M) -> M:
-    """Random weights may favour the image placeholder id: a real model never generates it."""
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
+    model = model_class(config).eval()
+    model.generation_config.suppress_tokens = list(placeholders)
     return model
 
 
@@ -128,10 +145,7 @@ def toy_video_llava(
         vision_feature_select_strategy="default",
         attn_implementation=attn_implementation,
     )
-    torch.manual_seed(seed)
-    model = _no_placeholder_generation(VideoLlavaForConditionalGeneration(config).eval())
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
-    return model
+    return seeded_model(VideoLlavaForConditionalGeneration, config, seed, (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID))
 
 
 VISION_START_TOKEN_ID = 5
@@ -144,14 +158,7 @@ def qwen_text_config(size: ToySize, attn_implementation: str) -> dict:
     temporal = half // 4
     height = (half - temporal) // 2
     return {
-        "vocab_size": size.vocab,
-        "hidden_size": size.hidden,
-        "intermediate_size": size.intermediate,
-        "num_hidden_layers": size.layers,
-        "num_attention_heads": size.heads,
-        "num_key_value_heads": size.kv_heads,
-        "max_position_embeddings": 4096,
-        "pad_token_id": PAD_TOKEN_ID,
+        **decoder_sizes(size),
         "bos_token_id": 1,
         "eos_token_id": 2,
         "rope_parameters": {
@@ -173,12 +180,19 @@ def qwen_token_ids() -> dict[str, int]:
     }
 
 
-def _seeded_qwen(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
-    """A Qwen-VL-family model of `config` with seeded random weights that never generates placeholders."""
-    torch.manual_seed(seed)
-    model = _no_placeholder_generation(model_class(config).eval())
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
-    return model
+def merger_vision_config(size: ToySize, depth: int) -> dict:
+    """A Qwen2.5-VL or Qwen3-VL vision tower of `depth` layers: 2-frame patches merged 2 x 2 into the
+    decoder's width."""
+    return {
+        "depth": depth,
+        "hidden_size": size.vision_hidden,
+        "intermediate_size": size.vision_hidden * 2,
+        "out_hidden_size": size.hidden,
+        "num_heads": 2,
+        "patch_size": size.patch,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
 
 
 def toy_qwen2_vl(
@@ -206,7 +220,7 @@ def toy_qwen2_vl(
         attn_implementation=attn_implementation,
         **qwen_token_ids(),
     )
-    return _seeded_qwen(Qwen2VLForConditionalGeneration, config, seed)
+    return seeded_model(Qwen2VLForConditionalGeneration, config, seed, (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID))
 
 
 def toy_qwen2_5_vl(
@@ -218,14 +232,7 @@ def toy_qwen2_5_vl(
     config = Qwen2_5_VLConfig(
         text_config=qwen_text_config(size, attn_implementation),
         vision_config={
-            "depth": size.vision_layers,
-            "hidden_size": size.vision_hidden,
-            "intermediate_size": size.vision_hidden * 2,
-            "out_hidden_size": size.hidden,
-            "num_heads": 2,
-            "patch_size": size.patch,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **merger_vision_config(size, depth=size.vision_layers),
             "window_size": size.patch * 2 * 2,  # windows of 2 x 2 merged tokens
             "fullatt_block_indexes": [size.vision_layers - 1],
             "tokens_per_second": 2,
@@ -233,4 +240,4 @@ def toy_qwen2_5_vl(
         attn_implementation=attn_implementation,
         **qwen_token_ids(),
     )
-    return _seeded_qwen(Qwen2_5_VLForConditionalGeneration, config, seed)
+    return seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed, (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID))

@@ -16,7 +16,7 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 
 from tokenprune.testing.families.llava_onevision import qwen2_text_config
 from tokenprune.testing.family import Family, Sample
-from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize
+from tokenprune.testing.models import IMAGE_TOKEN_ID, ToySize, seeded_model, vision_tower_sizes
 from tokenprune.testing.oracles import TEXT_IDS, left_padded
 from tokenprune.testing.suite_inputs import seeded_pixels
 
@@ -33,10 +33,7 @@ def toy_internvl(
     tile = size.grid * size.patch
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
-            hidden_size=size.vision_hidden,
-            intermediate_size=size.vision_hidden * 2,
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=2,
+            **vision_tower_sizes(size),
             image_size=[tile, tile],
             patch_size=[size.patch, size.patch],
         ),
@@ -49,10 +46,7 @@ def toy_internvl(
         tie_word_embeddings=False,
         attn_implementation=attn_implementation,
     )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
-    return model
+    return seeded_model(InternVLForConditionalGeneration, config, seed)
 
 
 def model(attn_implementation: str) -> nn.Module:

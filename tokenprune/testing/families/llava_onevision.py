@@ -23,7 +23,14 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.testing.family import Family, Sample
-from tokenprune.testing.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VIDEO_TOKEN_ID, ToySize
+from tokenprune.testing.models import (
+    IMAGE_TOKEN_ID,
+    VIDEO_TOKEN_ID,
+    ToySize,
+    decoder_sizes,
+    seeded_model,
+    vision_tower_sizes,
+)
 from tokenprune.testing.oracles import TEXT_IDS, left_padded
 from tokenprune.testing.suite_inputs import seeded_pixels
 
@@ -35,16 +42,7 @@ FRAMES = 3
 def qwen2_text_config(size: ToySize, attn_implementation: str) -> Qwen2Config:
     """The toy's Qwen2 decoder (q/k/v biases, as LLaVA-OneVision's and InternVL's), untied output layer."""
     return Qwen2Config(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_TOKEN_ID,
-        tie_word_embeddings=False,
-        attn_implementation=attn_implementation,
+        **decoder_sizes(size), tie_word_embeddings=False, attn_implementation=attn_implementation
     )
 
 
@@ -56,10 +54,7 @@ def toy_llava_onevision(
     tile = size.grid * size.patch
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(
-            hidden_size=size.vision_hidden,
-            intermediate_size=size.vision_hidden * 2,
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=2,
+            **vision_tower_sizes(size),
             image_size=tile,
             patch_size=size.patch,
         ),
@@ -73,10 +68,8 @@ def toy_llava_onevision(
         tie_word_embeddings=False,
         attn_implementation=attn_implementation,
     )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
-    return model
+    placeholders = (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)
+    return seeded_model(LlavaOnevisionForConditionalGeneration, config, seed, placeholders)
 
 
 def model(attn_implementation: str) -> nn.Module:

@@ -23,8 +23,10 @@ from tokenprune.testing.models import (
     VISION_END_TOKEN_ID,
     VISION_START_TOKEN_ID,
     ToySize,
+    merger_vision_config,
     qwen_text_config,
     qwen_token_ids,
+    seeded_model,
 )
 from tokenprune.testing.oracles import TEXT_IDS
 from tokenprune.testing.qwen_inputs import Item, QwenPrompt, qwen_inputs
@@ -51,14 +53,7 @@ def text_config(size: ToySize, attn_implementation: str) -> dict:
 def vision_config(size: ToySize) -> dict:
     """A Qwen3-VL vision tower of `DEEPSTACK_LAYERS` layers, each feeding one DeepStack feature."""
     return {
-        "depth": DEEPSTACK_LAYERS,
-        "hidden_size": size.vision_hidden,
-        "intermediate_size": size.vision_hidden * 2,
-        "out_hidden_size": size.hidden,
-        "num_heads": 2,
-        "patch_size": size.patch,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
+        **merger_vision_config(size, depth=DEEPSTACK_LAYERS),
         "num_position_embeddings": 16,
         "deepstack_visual_indexes": list(range(DEEPSTACK_LAYERS)),
     }
@@ -97,9 +92,7 @@ def toy_qwen3_vl_moe(
 
 def seeded(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
     """`model_class(config)` with weights drawn from `seed`, in eval mode, never generating a placeholder."""
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]
+    model = seeded_model(model_class, config, seed, (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID))
     sharpen_attention(model, seed)
     return model
 
