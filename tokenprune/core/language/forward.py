@@ -22,6 +22,7 @@ class Shortened:
     index: Tensor | None  # [B, L] original positions, -1 for filler (None on a cached continuation)
     overrides: dict[str, Any]  # layer keyword inputs replaced: mask, rotary tables, position ids
     sizes: Tensor | None = None  # [B, L] original tokens per token once something merged
+    tables_by_kind: dict[str, Any] = field(default_factory=dict)  # rotary tables gathered per layer kind
 
 
 @dataclass

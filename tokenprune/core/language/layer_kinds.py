@@ -13,30 +13,30 @@ from typing import Any
 
 from torch import Tensor
 
+from tokenprune.core.language.forward import Shortened
 from tokenprune.core.masks import layer_mask, layer_types
 from tokenprune.indexing import gather_tokens
 
 
 def layer_inputs(
-    overrides: dict[str, Any],
-    layer: int,
-    kwargs: dict[str, Any],
-    config: Any,
-    index: Tensor | None,
-    blocks: Callable[[], Tensor | None],
+    current: Shortened, layer: int, kwargs: dict[str, Any], config: Any, blocks: Callable[[], Tensor | None]
 ) -> dict[str, Any]:
-    """`overrides` as decoder layer `layer` takes them.
+    """The overrides of `current` as decoder layer `layer` takes them.
 
-    `index` [B, L]: original position of each token (-1: filler; None on a decode step, which
+    `current.index` [B, L]: original position of each token (-1: filler; None on a decode step, which
     overrides no tables); `blocks()` [B, N]: the bidirectional blocks by original position (asked
-    once per kind of layer). In a model of several kinds, every layer gathers its own full-length
-    tables by `index` (the `original` position policy: the only one such models take).
+    once per kind of layer). In a model of several kinds, each kind's full-length tables are gathered
+    by the index once per forward, for the first layer of that kind (the `original` position policy:
+    the only one such models take).
     """
-    taken = {**overrides}
+    taken = {**current.overrides}
     if "attention_mask" in taken:
         taken["attention_mask"] = layer_mask(taken["attention_mask"], layer, blocks)
-    rotary = kwargs.get("position_embeddings")
-    mixed = len(set(layer_types(config))) > 1
-    if mixed and index is not None and "position_embeddings" in taken and rotary is not None:
-        taken["position_embeddings"] = tuple(gather_tokens(t, index.to(t.device), -2) for t in rotary)
+    rotary, index = kwargs.get("position_embeddings"), current.index
+    kinds = layer_types(config)
+    if len(set(kinds)) > 1 and index is not None and "position_embeddings" in taken and rotary is not None:
+        kind = kinds[layer]
+        if kind not in current.tables_by_kind:
+            current.tables_by_kind[kind] = tuple(gather_tokens(t, index.to(t.device), -2) for t in rotary)
+        taken["position_embeddings"] = current.tables_by_kind[kind]
     return taken

@@ -192,9 +192,8 @@ class Session:
                     state.current.overrides["position_embeddings"] = tables
             if state.current is None:
                 return None
-            current, blocks = state.current, self._blocks(state)
             config = self.adapter.text_config()
-            overrides = layer_inputs(current.overrides, layer, kwargs, config, current.index, blocks)
+            overrides = layer_inputs(state.current, layer, kwargs, config, self._blocks(state))
             kwargs = {**kwargs, **overrides}
             if positional:
                 return (hidden, *args[1:]), kwargs
