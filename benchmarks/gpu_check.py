@@ -22,8 +22,12 @@ Sections, each a set of rows of the table (check, result, verdict):
 4. `device_map`: with two GPUs or more, that model split across them by layers (accelerate's
    `dispatch_model`): kept positions and logits against one device, and its time to first token.
 5. `selection overhead`: benchmarks/selection.py on the device at that size (every layer, the
-   largest batch, `--keep` 192 visual tokens): each installed strategy's time inside its `select`
-   (CUDA synchronised) and its share of the prefill it ran in, beside a paired prefill ratio.
+   largest batch, `--keep` 192 visual tokens, a tower of CLIP-L's width 1024): each installed
+   strategy's time inside its `select` (CUDA synchronised) and its share of the prefill it ran in,
+   beside a paired prefill ratio.
+6. `vLLM serving`: benchmarks/vllm_serving.py (LLaVA-1.5-7B shapes) in a Python that has vLLM and the
+   tokenprune-vllm plug-in (this one, or `--vllm-python`, e.g. `.venv-vllm/bin/python`): throughput and
+   time to first token with and without a DivPrune reduction at each batch size; skipped without vLLM.
 
 A failed check is a FAIL row, the run goes on and ends with exit status 1. Timings at --smoke size
 mean nothing. See docs/benchmarks.md, "GPU check".
@@ -34,6 +38,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -119,8 +125,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--keep", type=int, default=192, help="selection overhead: visual tokens kept")
-    parser.add_argument("--vision-hidden", type=int, default=64, help="selection overhead: the tower's width")
-    return apply_smoke(parser.parse_args(), **SMOKE_SHAPE, batches=[1, 3], samples=4, ratios=[0.5], keep=4)
+    parser.add_argument(
+        "--vision-hidden", type=int, default=1024, help="selection overhead: the tower's width (CLIP-L's)"
+    )
+    parser.add_argument("--vllm-python", help="vLLM serving: a Python with vLLM and tokenprune-vllm")
+    tiny = {"batches": [1, 3], "samples": 4, "ratios": [0.5], "keep": 4, "vision_hidden": 64}
+    return apply_smoke(parser.parse_args(), **SMOKE_SHAPE, **tiny)
 
 
 # -- moving inputs -----------------------------------------------------------------------------
@@ -511,6 +521,31 @@ def selection_overhead(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+# -- 6. vLLM serving with and without a reduction ---------------------------------------------------
+
+
+def vllm_serving(args: argparse.Namespace) -> list[Row]:
+    """benchmarks/vllm_serving.py's paired rows, one per batch size; a skipped row when no vLLM is found."""
+    importable = importlib.util.find_spec("vllm") is not None
+    section, python = "vLLM serving", args.vllm_python or (sys.executable if importable else None)
+    if python is None:
+        skipped = "skipped: vLLM is not installed here (--vllm-python .venv-vllm/bin/python)"
+        return [Row(section, "throughput, time to first token", skipped, None)]
+    script, size = str(Path(__file__).with_name("vllm_serving.py")), "toy" if args.smoke else "llava-7b"
+    command = [python, script, "--size", size, "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    command += ["--batches", *map(str, args.batches)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    except subprocess.CalledProcessError as error:
+        return [Row(section, "vllm_serving.py", f"exit {error.returncode}: {error.stderr[-200:]}", False)]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line[:3].strip("| ").isdigit()]
+    cells = [[cell.strip() for cell in row] for row in rows]
+    return [
+        Row(section, f"batch {b}: tok/s, TTFT (s)", f"{u} -> {r} ({x}); {tu} -> {tr} ({tx})")
+        for b, u, r, x, tu, tr, tx in cells
+    ]
+
+
 # -- the table -------------------------------------------------------------------------------------
 
 
@@ -543,6 +578,7 @@ def main() -> int:
     rows += device_map_split(model, args)
     del model
     rows += selection_overhead(args)
+    rows += vllm_serving(args)
     report = markdown(rows, header)
     print(report)
     if args.out is not None:

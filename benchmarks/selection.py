@@ -4,6 +4,7 @@
     python benchmarks/selection.py --hidden 1024 --intermediate 2816 --heads 16 --kv-heads 16
     python benchmarks/selection.py --strategies divprune dart --repeats 5
     python benchmarks/selection.py --smoke                  # tiny sizes: proves the script runs
+    python benchmarks/selection.py --shape llava-1.5 --repeats 2 --warmup 0  # the true shape, see below
 
 Every installed strategy (or `--strategies`) is attached where it acts: a language-model strategy
 that needs no attention signal before the language model (layer 0), one that does at `--layer`,
@@ -23,6 +24,14 @@ reduced layer). The selection costs the same whatever the depth, while the prefi
 layer: the share measured on 3 layers bounds the 32-layer share from above (by about 32/3). A
 narrower model (`--hidden`) bounds it again, the prefill growing with the square of the width and
 the selections at most linearly. docs/benchmarks.md has a run and reads it.
+
+`--shape llava-1.5` measures at LLaVA-1.5-7B's true shapes instead, without running its 32 layers:
+each selection runs on a model of width 4096, 32 heads, batch 8 with 576 visual tokens per image
+and a tower of CLIP-L's width (1024), but only 2 decoder layers (signals at K=1: a signal's cost
+does not depend on K) whose MLPs are narrow (no selection reads an MLP); the prefill it is set
+against is an estimate, stated as such: one full decoder layer (MLP 11008) timed inside a
+1-layer prefill at the true shape, times 32, plus that prefill's embedding, norm and LM head (the
+vision tower is left out, so the share is an upper bound). No paired rows in this mode.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +62,7 @@ from common import (
     elapsed,
     llava_arguments,
     llava_description,
+    llava_model,
     llava_prompt,
     llava_size,
     load,
@@ -63,6 +74,18 @@ from common import (
 LLAVA_7B_WIDTH = {"hidden": 4096, "layers": 3, "heads": 32, "kv_heads": 32, "intermediate": 11008}
 VISION_LAYERS = 2
 TARGET_SHARE = 0.02
+LLAVA_15 = {  # `--shape llava-1.5`: the true shapes of LLaVA-1.5-7B, CLIP-L's feature width
+    **LLAVA_7B_WIDTH,
+    "vocab": 32000,
+    "grid": 24,
+    "text_before": 24,
+    "text_after": 16,
+    "batch": 8,
+    "vision_hidden": 1024,
+}
+LLAVA_15_DEPTH = 32  # decoder layers of the prefill the selections are set against
+SELECTION_DEPTH = {"layers": 2, "layer": 1}  # the fewest with a signal (K=1) and a layer after it
+SELECTION_MLP = 64  # the selection model's MLP width: no selection reads the MLPs
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,7 +98,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layer", type=int, default=2, help="K of the strategies that need a signal")
     parser.add_argument("--vision-hidden", type=int, default=64, help="width of the (untimed-size) tower")
     parser.add_argument("--strategies", nargs="+", help="default: every installed strategy")
-    return apply_smoke(parser.parse_args(), **SMOKE_SHAPE, batch=3, keep=4)
+    parser.add_argument(
+        "--shape",
+        choices=["llava-1.5"],
+        help="true LLaVA-1.5-7B shapes, the prefill estimated from one layer",
+    )
+    args = parser.parse_args()
+    if args.shape:
+        vars(args).update(LLAVA_15, **SELECTION_DEPTH)
+    return apply_smoke(args, **SMOKE_SHAPE, batch=3, keep=4, vision_hidden=64)
 
 
 def selection_model(args: argparse.Namespace, device: str = "cpu") -> nn.Module:
@@ -125,6 +156,15 @@ def reduced_run(
     return run
 
 
+def refusal(model: nn.Module, config: tp.ReductionConfig) -> str | None:
+    """Why `config` cannot be attached to `model` (e.g. no vision tower layer to act at), or None."""
+    try:
+        tp.attach(model, config).detach()
+    except tp.TokenPruneError as refused:
+        return f"not attached here: {str(refused)[:120]}"
+    return None
+
+
 def measure(
     model: nn.Module,
     inputs: dict[str, Any],
@@ -135,10 +175,8 @@ def measure(
     """(median selection seconds, median share of its prefill) of strategy `name`, its paired row
     printed; or the reason it cannot run here (a refusal, e.g. no vision tower layer to act at)."""
     config = where_it_acts(name, args.keep, args.layer)
-    try:
-        tp.attach(model, config).detach()
-    except tp.TokenPruneError as refusal:
-        return f"not attached here: {str(refusal)[:120]}"
+    if refused := refusal(model, config):
+        return refused
     shares: list[tuple[float, float]] = []
     compare(f"{name} / unreduced", unreduced, reduced_run(model, inputs, config, shares), args)
     recorded = shares[args.warmup :]
@@ -148,14 +186,85 @@ def measure(
     )
 
 
-def verdict(name: str, result: tuple[float, float] | str) -> str:
-    """One line: the selection's milliseconds and share of its prefill, against the 2% target."""
+def verdict(name: str, result: tuple[float, float] | str, of: str = "its prefill") -> str:
+    """One line: the selection's milliseconds and share of `of` (a prefill), against the 2% target."""
     if isinstance(result, str):
         return f"  {name:<12} {result}"
     seconds, share = result
     met = "met" if share <= TARGET_SHARE else "MISSED"
-    share_text = f"{100 * share:6.2f}% of its prefill"
+    share_text = f"{100 * share:6.2f}% of {of}"
     return f"  {name:<12} selection {1e3 * seconds:9.2f} ms = {share_text}; target <= 2%: {met}"
+
+
+def with_sizes(args: argparse.Namespace, **sizes: int) -> argparse.Namespace:
+    """A copy of `args` with `sizes` changed."""
+    return argparse.Namespace(**{**vars(args), **sizes})
+
+
+def timing_layer(layer: nn.Module, sync: Callable[[], None], record: list[float]) -> list[Any]:
+    """Hooks appending the seconds of each call of `layer` to `record` (returned, to remove)."""
+    started: list[float] = []
+
+    def start(*_: Any) -> None:
+        sync()
+        started.append(time.perf_counter())
+
+    def stop(*_: Any) -> None:
+        sync()
+        record.append(time.perf_counter() - started.pop())
+
+    return [layer.register_forward_pre_hook(start), layer.register_forward_hook(stop)]
+
+
+def estimated_prefill(args: argparse.Namespace) -> tuple[float, float]:
+    """(seconds of a 32-layer prefill, of one decoder layer), medians over the repeats: a 1-layer
+    prefill at the true shape, its layer timed inside it; estimate = 32 layers + the rest (embedding,
+    norm, LM head of the last token; the image features are precomputed, the tower is not counted)."""
+    model = llava_model(with_sizes(args, layers=1))
+    inputs = llava_prompt(model, args, args.batch)
+    sync, layer_times, estimates = synchronizer(model.device), [], []
+    hooks = timing_layer(model.model.language_model.layers[0], sync, layer_times)
+    for _ in range(args.warmup + args.repeats):
+        total = elapsed(lambda: prefill_logits(model, inputs))
+        estimates.append(total + (LLAVA_15_DEPTH - 1) * layer_times[-1])
+    for hook in hooks:
+        hook.remove()
+    return statistics.median(estimates[args.warmup :]), statistics.median(layer_times[args.warmup :])
+
+
+def selection_alone(
+    model: nn.Module, inputs: dict[str, Any], name: str, args: argparse.Namespace
+) -> float | str:
+    """Median seconds of strategy `name`'s selections in one reduced prefill, or why it cannot run."""
+    config = where_it_acts(name, args.keep, args.layer)
+    if refused := refusal(model, config):
+        return refused
+    shares: list[tuple[float, float]] = []
+    run = reduced_run(model, inputs, config, shares)
+    for _ in range(args.warmup + args.repeats):
+        run()
+    return statistics.median(selection for selection, _ in shares[args.warmup :])
+
+
+def true_shape(args: argparse.Namespace, names: list[str]) -> None:
+    """`--shape llava-1.5`: each selection at the true shapes against the estimated 32-layer prefill."""
+    prefill, layer = estimated_prefill(args)
+    print(
+        f"estimated prefill: {prefill:.1f} s = {LLAVA_15_DEPTH} x one decoder layer ({layer:.2f} s, MLP "
+        f"{args.intermediate}, timed in a 1-layer prefill) + embedding, norm, LM head; tower not counted"
+    )
+    narrow = with_sizes(args, intermediate=SELECTION_MLP)
+    model = selection_model(narrow)
+    inputs = with_pixels(llava_prompt(model, narrow, args.batch), narrow, model.device)
+    print(
+        f"selections on {args.layers} decoder layers of width {args.hidden} (MLP {SELECTION_MLP}: no "
+        f"selection reads it), signals at K={args.layer}; "
+        f"median of {args.repeats} after {args.warmup} warm-up"
+    )
+    for name in names:
+        seconds = selection_alone(model, inputs, name, args)
+        result = seconds if isinstance(seconds, str) else (seconds, seconds / prefill)
+        print(verdict(name, result, of="the estimated prefill"), flush=True)
 
 
 def main() -> None:
@@ -163,11 +272,15 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    model = selection_model(args)
-    inputs = with_pixels(llava_prompt(model, args, args.batch), args, model.device)
     names = args.strategies or tp.list_strategies()
     tower = f"vision tower {VISION_LAYERS} layers, width {args.vision_hidden}"
-    print(f"{machine()}\n{llava_description(args)}; {tower}")
+    print(f"{machine()}\n{llava_description(args)}; {tower}; batch {args.batch}, keep {args.keep}")
+    if args.shape:
+        true_shape(args, names)
+        print(f"end: {load()}")
+        return
+    model = selection_model(args)
+    inputs = with_pixels(llava_prompt(model, args, args.batch), args, model.device)
     print(
         f"batch {args.batch} (left-padded), keep {args.keep} visual tokens per image, "
         f"signals at K={args.layer}; paired ratios: median of {args.repeats} order-alternating repeats "

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from tokenprune.contracts.reducer import Reducer, TokenView
+from tokenprune.contracts.reducer import Reducer, TokenView, proportional_shares
 from tokenprune.core.selection import group_members
 
 
@@ -63,10 +63,8 @@ def anchor_shares(present: Tensor, n_pivots: Tensor, budget: Tensor) -> Tensor:
     present [B, G, A] bool; the rest is split as evenly as possible between the present anchors in
     order, the earlier ones taking one more when it does not divide (`split_budget` of equal sizes).
     """
-    n_anchors = present.sum(-1, keepdim=True).clamp(min=1)
-    rest = (budget - n_pivots)[..., None]
-    index = present.long().cumsum(-1) - 1
-    return torch.where(present, rest // n_anchors + (index < rest % n_anchors).long(), 0)
+    rest = (budget - n_pivots).flatten()
+    return proportional_shares(rest, present.flatten(0, -2).long()).view_as(present)
 
 
 def chosen_order(

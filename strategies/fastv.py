@@ -15,7 +15,7 @@ from torch import Tensor
 
 from tokenprune.contracts.reducer import ScoreReducer, TokenView
 
-DEFAULT_QUERY = {"language": "last", "vision": "class"}
+DEFAULT_QUERY = {"language": "last", "vision": "class", "cache": "last"}  # cache: the window decides
 
 
 class FastVParams(BaseModel):
@@ -41,6 +41,7 @@ class FastV(ScoreReducer):
 
     Params: ClassVar[type[BaseModel]] = FastVParams
     requires: ClassVar[frozenset[str]] = frozenset({"attention"})
+    sites: ClassVar[frozenset[str]] = frozenset({"language", "vision", "cache"})
     positions: ClassVar[str] = "original"  # the position policy of the paper's reference code
 
     def score(self, view: TokenView) -> Tensor:

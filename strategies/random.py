@@ -28,6 +28,7 @@ class RandomSelection(ScoreReducer):
     """Uniformly random subset, reproducible per sample."""
 
     Params: ClassVar[type[BaseModel]] = RandomParams
+    sites: ClassVar[frozenset[str]] = frozenset({"language", "vision", "cache"})
     positions: ClassVar[str] = "original"  # the position policy of the paper's reference code
 
     def score(self, view: TokenView) -> Tensor:

@@ -101,25 +101,25 @@ class ToMe(Reducer):
         into = torch.full_like(view.positions, -1)
         rank = torch.zeros_like(view.positions)
         remaining = group_counts(movable, groups, budget.shape[1]) - budget
-        while bool((remaining > 0).any()):
+        while True:
             r = round_sizes(movable, valid, groups, remaining)
-            if not bool((r > 0).any()):  # a group of one token cannot merge: drop the excess
+            # the one host read of a round: whether to go on (the number of rounds depends on the data)
+            more, can_merge = torch.stack([(remaining > 0).any(), (r > 0).any()]).tolist()
+            if not more:
+                break
+            if not can_merge:  # a group of one token cannot merge: drop the excess
                 movable = top_k_mask(-groups.float(), movable, budget, groups)
                 into = into.masked_fill(~movable.gather(1, into.clamp(min=0)), -1)  # its members go too
                 break
             merged, step_into, rank = bipartite_soft_matching(metric, valid, movable, r, groups)
             into = _redirect(torch.where(merged, step_into, into))
             valid, movable, remaining = valid & ~merged, movable & ~merged, remaining - r
-            if bool((remaining > 0).any()):  # another round: merged tokens match by their averaged keys
-                metric = merge_average(keys, view.token_sizes(), into)[0]
+            metric = merge_average(keys, view.token_sizes(), into)[0]  # the next round's: averaged keys
         return Merge(movable, into, rank, self.params.proportional_attention)
 
 
 def _redirect(into: Tensor) -> Tensor:
-    """Follow chains of merges (a token merged into one that later merged) to their final survivor."""
-    while True:
-        onward = into.gather(1, into.clamp(min=0))
-        chained = (into >= 0) & (onward >= 0)
-        if not bool(chained.any()):
-            return into
-        into = torch.where(chained, onward, into)
+    """A token whose survivor merged in this round follows it to that round's B token: one hop, as
+    B tokens never merge in the round that receives (and survivors were followed in every round)."""
+    onward = into.gather(1, into.clamp(min=0))
+    return torch.where((into >= 0) & (onward >= 0), onward, into)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenprune.contracts.reducer import Reducer, TokenView
+from tokenprune.contracts.reducer import Reducer, TokenView, proportional_shares
 
 
 def strided(size: int, count: int) -> list[int]:
@@ -134,20 +134,6 @@ def at_token(per: Tensor, groups: Tensor) -> Tensor:
     return per.gather(1, groups.clamp(min=0)).masked_fill(groups < 0, 0)
 
 
-def shares(budget: Tensor, sizes: Tensor) -> Tensor:
-    """[B, G] long: `budget` [B] shared in proportion to `sizes` [B, G] (`split_budget`: largest
-    remainder, ties to the earlier group), in exact integer arithmetic."""
-    total = sizes.sum(dim=1, keepdim=True).clamp(min=1)
-    exact = budget[:, None] * sizes
-    floor, remainder = exact // total, exact % total
-    order = torch.sort(-remainder.masked_fill(sizes == 0, -1), dim=1, stable=True).indices
-    extra = (budget[:, None] - floor.sum(dim=1, keepdim=True)).clamp(min=0)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )
-    return floor + (rank < extra).long()
-
-
 def rank_in_group(mask: Tensor, groups: Tensor) -> Tensor:
     """[B, L] long: each `mask` token's rank in sequence order among those of its group (-1 elsewhere)."""
     n = groups.shape[1]
@@ -199,7 +185,7 @@ def lattices(view: TokenView) -> Lattices:
         images = dense_groups(view.segment, view.segment >= 0)
         sizes = per_group((images >= 0).long(), images)
         sizes = sizes.masked_fill(per_group(members.long(), images) == 0, 0)
-        share = at_token(shares(view.budget, sizes), images).masked_fill(~members, 0)
+        share = at_token(proportional_shares(view.budget, sizes), images).masked_fill(~members, 0)
         groups = images.masked_fill(~members, -1)
     steps = members.shape[1].bit_length() + 1
     counts = lattice_counts(extent.view(-1, 3), share.flatten(), steps)

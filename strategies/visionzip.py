@@ -38,7 +38,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from tokenprune.contracts.reducer import Merge, Reducer, TokenView, group_counts, top_k_mask
-from tokenprune.core.merging import best_matches
 
 
 class VisionZipParams(BaseModel):
@@ -92,11 +91,12 @@ def strided_targets(rest: Tensor, order: Tensor, groups: Tensor, contextual: Ten
 
 def assign_to_targets(metric: Tensor, members: Tensor, targets: Tensor, groups: Tensor) -> Tensor:
     """[B, L] long: for each of `members`, the slot of the most cosine-similar of `targets` in its group
-    (metric [B, L, d]; ties: the earlier target); -1 for every other token or where a group has no target."""
-    if not bool(targets.any()) or not bool(members.any()):
-        return torch.full_like(groups, -1)
-    score, match = best_matches(metric, members, targets, groups)
-    return torch.where(members & torch.isfinite(score), match, -1)
+    (metric [B, L, d]; ties: the earlier target); -1 for every other token or where a group has no target.
+    The whole [L, L] product, masked: no host read for the shapes of a [members x targets] block."""
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    allowed = members[:, :, None] & targets[:, None, :] & (groups[:, :, None] == groups[:, None, :])
+    best, match = (unit @ unit.transpose(-1, -2)).masked_fill(~allowed, float("-inf")).max(dim=-1)
+    return torch.where(members & torch.isfinite(best), match, -1)
 
 
 class VisionZip(Reducer):

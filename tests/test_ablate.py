@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -283,7 +284,12 @@ def test_strategies_not_installed_are_skipped_with_a_notice(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("page", "run"), [("running-an-ablation.md", "ablation-default"), ("paper-grid.md", "paper-grid")]
+    ("page", "run"),
+    [
+        ("running-an-ablation.md", "ablation-default"),
+        ("paper-grid.md", "paper-grid"),
+        ("paper-grid-video.md", "paper-grid-video"),
+    ],
 )
 def test_the_docs_show_the_committed_run(tmp_path, page, run):
     doc = (ROOT / "docs" / page).read_text()
@@ -335,23 +341,62 @@ def test_the_committed_flops_follow_the_formula(run):
         assert row["prefill_flops"] == pytest.approx(expected, rel=1e-12), row["label"]
 
 
+PAPER_GRIDS = ("paper-grid", "paper-grid-video")
+
+
+def test_every_strategy_is_in_a_paper_grid_and_the_video_grid_has_the_references():
+    """Each registered strategy runs in the image paper grid or the video one (video-only methods in
+    the video grid, which also runs FastV, random and uniform, the image grid's references)."""
+    listed = {name: _grid_strategies(name) for name in PAPER_GRIDS}
+    assert set().union(*listed.values()) == set(tp.list_strategies())
+    assert {"fastv", "random", "uniform", "dycoke"} <= listed["paper-grid-video"]
+    assert "vlcache" in listed["paper-grid"]
+
+
+def _grid_strategies(name: str) -> set[str]:
+    """The strategies of the cells of configs/<name>.yaml."""
+    config = load_ablation_config(ROOT / "configs" / f"{name}.yaml")
+    return {cell.reduction.strategy for cell in expand_grid(config, "data")[1:]}
+
+
 @torch.no_grad()
-def test_every_cell_of_the_paper_grid_keeps_its_exact_budget_on_the_toy_model():
-    """configs/paper-grid.yaml on the built-in toy LLaVA: each cell keeps its budget on every sample."""
+@pytest.mark.parametrize(
+    ("grid", "limit", "budgets"), [("paper-grid", 3, [16, 32, 48]), ("paper-grid-video", 2, [24, 40, 72])]
+)
+def test_every_cell_of_a_paper_grid_keeps_its_exact_budget_on_its_toy_model(grid, limit, budgets):
+    """configs/<grid>.yaml on its built-in toy: each cell's last event keeps its budget on every sample,
+    and the one-stage cells (with dycoke's cache stage) come at the grid's three equal budgets.
+
+    Every cell generates two tokens: a `site: cache` stage prunes the cache before the second."""
     from tokenprune.lab.batches import make_batches
     from tokenprune.lab.bench import open_model
-    from tokenprune.lab.datasets import load_samples
 
-    config = load_ablation_config(ROOT / "configs" / "paper-grid.yaml")
+    config = load_ablation_config(ROOT / "configs" / f"{grid}.yaml")
     loaded = open_model(config)
-    inputs = make_batches(loaded, load_samples("builtin:toy-vqa", "test", 3), 3)[0].inputs
+    inputs = make_batches(loaded, load_samples(config.dataset.source, "test", limit), limit)[0].inputs
+    layout = loaded.adapter.visual_layout(inputs)
     cells = expand_grid(config)[1:]
-    assert {cell.reduction.strategy for cell in cells} == set(tp.list_strategies())  # every built-in method
-    assert sorted({c.reduction.stages[0].keep for c in cells if len(c.reduction.stages) == 1}) == [16, 32, 48]
+    single = [
+        c.reduction for c in cells if len(c.reduction.stages) == 1 or c.reduction.stages[-1].site == "cache"
+    ]
+    assert sorted({_kept(layout, r, r.stages[0]) for r in single}) == budgets
     for cell in cells:
         with tp.attach(loaded.model, cell.reduction) as handle:
-            loaded.model(**inputs)
-            assert handle.trace[-1].visual_after == [cell.reduction.stages[-1].keep] * 3, cell.label
+            loaded.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            last = handle.trace[-1]
+        assert last.visual_after == [_kept(layout, cell.reduction, cell.reduction.stages[-1])] * limit, (
+            cell.label
+        )
+
+
+def _kept(layout: tp.VisualLayout, reduction: tp.ReductionConfig, stage: tp.Stage) -> int:
+    """Visual tokens `stage` keeps of the first sample: one count over all of them, or one per frame
+    (each grid of each frame; a video's class tokens are grids of one) with `budget: per_frame` and
+    in a vision tower (which sees one frame at a time)."""
+    frames = layout.frame[0][layout.visual[0]]
+    if reduction.budget == "sample" and stage.site != "vision":
+        return stage.kept_count(len(frames))
+    return sum(stage.kept_count(n) for n in frames.bincount().tolist() if n)
 
 
 # -- results store ----------------------------------------------------------------------------------
@@ -519,6 +564,62 @@ def test_survival_map_draws_kept_tokens_and_merge_groups(llava_sdpa):
     groups[0, 2] = 2
     merged = SimpleNamespace(kept=kept, groups=groups)
     assert survival_map(adapter, inputs, [merged])["state"][:8] == [0, 1, -1, -1, -1, -1, 0, 0]
+
+
+def test_survival_map_of_a_video_shows_its_frames_side_by_side():
+    """The toy Video-LLaVA: 8 frames of a 4 x 4 grid (each with a class token, left out) as a 4 x 32 strip."""
+    from tokenprune.lab.batches import make_batches
+    from tokenprune.lab.loading import load_model
+
+    loaded = load_model("builtin:toy-video-llava")
+    inputs = make_batches(loaded, load_samples("builtin:toy-video-vqa", "test", 1), 1)[0].inputs
+    first = int(loaded.adapter.visual_layout(inputs).visual[0].nonzero()[0])  # frame 0's class token
+    patch = first + 1  # frame 0, row 0, column 0; frame 1's (0, 1): past 16 patches and a class token
+    kept = torch.tensor([[0, patch, patch + 18]])
+    event = tp.ReductionEvent(0, [150], [3], [136], [2], kept)
+    state = survival_map(loaded.adapter, inputs, [event])
+    assert state["grid"] == [4, 32] and [i for i, s in enumerate(state["state"]) if s >= 0] == [0, 5]
+    assert state["state"][:6] == [0, -1, -1, -1, -1, 5]
+
+
+def test_the_cache_after_decoding_is_a_column_only_where_a_cell_has_a_cache_stage():
+    from tokenprune.lab.tables import markdown_columns
+
+    def row(*sites: str) -> dict:
+        return {"cell": {"reduction": {"stages": [{"site": site} for site in sites]}}}
+
+    headers = [
+        [c.header for c in markdown_columns(rows)] for rows in ([row("language")], [row("language", "cache")])
+    ]
+    assert "KV cache KiB per sample after decoding" in set(headers[1]) - set(headers[0])
+    assert [h for h in headers[1] if h in headers[0]] == headers[0]
+
+
+def test_per_frame_keeps_are_checked_against_the_largest_grid_of_a_frame(tmp_path):
+    """A video frame's class token is a grid of its own: a per-frame keep caps it at 1, refused only
+    when no grid of a frame holds more tokens than the keep."""
+    from tokenprune.contracts.layout import Segment, VisualLayout
+    from tokenprune.lab.checks import check_batch_keeps
+
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"grid": {"strategies": ["uniform"], "keeps": [4]}}))
+    cells = expand_grid(load_ablation_config(tmp_path / "grid.yaml"), dataset="d")
+    per_frame = [
+        replace(c, reduction=c.reduction.model_copy(update={"budget": "per_frame"})) for c in cells[1:]
+    ]
+    coords = torch.zeros(6, 3, dtype=torch.long)
+    frames = [
+        Segment(0, torch.tensor([1]), coords[:1], (1, 1, 1)),
+        Segment(0, torch.arange(2, 8), coords, (1, 2, 3)),
+    ]
+    check_batch_keeps(
+        tmp_path / "grid.yaml", per_frame, VisualLayout.from_segments(1, 9, frames, torch.device("cpu"))
+    )
+    with pytest.raises(ConfigError, match=r"keep=4 > the 1 visual tokens it counts from"):
+        check_batch_keeps(
+            tmp_path / "grid.yaml",
+            per_frame,
+            VisualLayout.from_segments(1, 9, frames[:1], torch.device("cpu")),
+        )
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():
@@ -998,7 +1099,7 @@ def test_one_builtin_namespace_serves_run_and_ablate(tmp_path, capsys):
         match="unknown builtin model 'builtin:nope'; known: builtin:toy-llava, builtin:tiny-llava",
     ):
         load_model("builtin:nope")
-    assert set(BUILTIN_MODELS) == {"builtin:toy-llava", "builtin:tiny-llava"}
+    assert set(BUILTIN_MODELS) == {"builtin:toy-llava", "builtin:tiny-llava", "builtin:toy-video-llava"}
     run = {"model": "builtin:toy-llava", "reduction": {"strategy": "fastv", "layer": 2, "ratio": 0.5}}
     (tmp_path / "run.yaml").write_text(
         yaml.safe_dump({**run, "text_tokens": 4, "max_new_tokens": 2, "repeats": 1})

@@ -176,7 +176,7 @@ def test_the_processors_own_image_token_also_marks_where_the_images_go(mark):
         processor=SimpleNamespace(image_token="<|image_pad|>"),
         prompt=f"<|vision_start|>{mark}<|vision_end|>{{question}}",
     )
-    sample = SimpleNamespace(question="what colour is the circle?", images=[None, None])
+    sample = SimpleNamespace(question="what colour is the circle?", images=[None, None], videos=[])
     assert prompt_text(loaded, sample) == (
         "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>what colour is the circle?"
     )

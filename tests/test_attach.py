@@ -9,6 +9,7 @@ from tokenprune.adapters.llava import LlavaAdapter
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
 import tokenprune as tp
+from tokenprune.core.language.forward import cache_of, with_cache
 from tokenprune.registry import ADAPTERS
 from tokenprune.testing.models import toy_llava
 from tokenprune.testing.oracles import Prompt, assert_same_greedy, greedy, llava_inputs, oracle_greedy
@@ -214,8 +215,8 @@ def test_an_adapter_reading_only_input_ids_refuses_images_in_inputs_embeds(llava
 def test_a_cache_reduced_by_a_detached_attachment_is_refused(llava_sdpa):
     inputs = llava_inputs([Prompt([2, 3], 1)])
     with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)):
-        cache = llava_sdpa(**inputs, use_cache=True).cache
-    step = {"input_ids": torch.tensor([[20]]), "cache": cache, "use_cache": True}
+        cache = cache_of(llava_sdpa(**inputs, use_cache=True))
+    step = {"input_ids": torch.tensor([[20]]), **with_cache(cache), "use_cache": True}
     with (
         tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)),
         pytest.raises(tp.InputError, match="another"),

@@ -9,13 +9,22 @@ per frame, zero budgets and full ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenprune.strategies.cdpruner import CDPruner
 from tokenprune.strategies.dart import Dart
 from tokenprune.strategies.divprune import DivPrune
+from tokenprune.strategies.downsample import Downsample
+from tokenprune.strategies.pdrop import PyramidDrop
+from tokenprune.strategies.pool import Pool
+from tokenprune.strategies.tome import _redirect
 from tokenprune.strategies.uniform import UniformGrid, lattice, strided
+from tokenprune.strategies.visionzip import assign_to_targets
+from tokenprune.strategies.vispruner import VisPruner
 
 import tokenprune as tp
 from tokenprune.contracts.reducer import split_budget
@@ -165,7 +174,14 @@ def ragged_views(draw: st.DrawFn) -> tp.TokenView:
         hidden=features,
         budget=budgets.sum(1),
         layer=2,
-        signals=tp.Signals({"keys": lambda rope, heads: keys, "normed_output": lambda: features}),
+        signals=tp.Signals(
+            {
+                "keys": lambda rope, heads: keys,
+                "normed_output": lambda: features,
+                "attention": lambda query: keys.sum(-1),  # integer sums: ties
+                "next_attention": lambda query: keys.sum(-1),
+            }
+        ),
         frame=frame,
         frame_budget=budgets if per_frame else None,
         **fields,
@@ -235,3 +251,69 @@ def test_batched_uniform_keeps_what_the_per_sample_form_keeps(view):
 def test_lattice_counts_equal_the_greedy(t, h, w, data):
     k = data.draw(st.integers(0, t * h * w))
     assert lattice((t, h, w), k) == reference_lattice((t, h, w), k)
+
+
+# -- host reads in the forward path ---------------------------------------------------------------
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def host_reads(run: Callable[[], object]) -> int:
+    """How many times `run` reads a tensor back to the host (`.item()`, `.tolist()`, `bool`, `int`...)."""
+    count = 0
+
+    def counted(name: str) -> Callable[..., object]:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: object) -> object:
+            nonlocal count
+            count += 1
+            return original(self, *args)
+
+        return read
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, counted(name))
+        run()
+    return count
+
+
+SYNC_FREE = {
+    "uniform": UniformGrid(),
+    "pool": Pool(),
+    "downsample": Downsample(),
+    "dart": Dart(),
+    "vispruner": VisPruner(),
+    "pdrop": PyramidDrop(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_FREE))
+@settings(max_examples=10)
+@given(view=ragged_views())
+def test_batched_selections_read_nothing_back_to_the_host(name, view):
+    assert host_reads(lambda: SYNC_FREE[name].select(view)) == 0
+
+
+@pytest.mark.parametrize("greedy", [DivPrune(), CDPruner()], ids=["divprune", "cdpruner"])
+@settings(max_examples=10)
+@given(view=ragged_views())
+def test_greedy_selections_read_only_their_number_of_steps(greedy, view):
+    assert host_reads(lambda: greedy.select(view)) == 1
+
+
+@settings(max_examples=10)
+@given(view=ragged_views())
+def test_visionzip_assigns_contextual_tokens_without_host_reads(view):
+    groups = view.quota()[1]
+    targets = view.candidates & (torch.arange(view.candidates.shape[1]) % 3 == 0)
+    members = view.candidates & ~targets
+    assert host_reads(lambda: assign_to_targets(view.hidden, members, targets, groups)) == 0
+
+
+def test_tome_follows_a_merged_survivor_in_one_hop_without_host_reads():
+    into = torch.tensor([[-1, 0, 3, -1, 0, -1]])  # 1 and 4 merged into 0 earlier; 0 merges into 3 now
+    into[0, 0] = 3
+    assert host_reads(lambda: _redirect(into)) == 0
+    assert _redirect(into).tolist() == [[3, 3, 3, -1, 3, -1]]

@@ -7,6 +7,8 @@ left-padded batch), the hook breakdown, the KV-cache lengths, the reference-load
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import re
 import subprocess
 import sys
@@ -18,7 +20,24 @@ from tokenprune.lab.timing import PairedRatio
 from tokenprune.testing.models import toy_llava
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py") if path.name != "common.py")
+
+
+def required_modules(script: Path) -> tuple[str, ...]:
+    """The modules a benchmark declares it needs beyond tokenprune's own (its module-level `REQUIRES`)."""
+    for node in ast.parse(script.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "REQUIRES" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return ()
+
+
+def runs_here(script: Path) -> bool:
+    """Whether every module the benchmark requires is importable in this environment."""
+    return all(importlib.util.find_spec(module) is not None for module in required_modules(script))
+
+
+# vllm_serving.py declares REQUIRES = ("vllm",): integrations/vllm/ci.sh smoke-runs it in vLLM's virtualenv
+ELSEWHERE = sorted(p.name for p in BENCHMARKS.glob("*.py") if not runs_here(p))
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py" and runs_here(p))
 # a paired row: label, then ratio and IQR with three decimals, then two times in ms
 PAIRED_ROW = re.compile(r"^\S.* / .*\s\d+\.\d{3}\s+\d+\.\d{3}\s+\d+\.\d\s+\d+\.\d", re.MULTILINE)
 SMOKE_TIMEOUT_S = 240  # seconds on a loaded 2-core machine; a few each on a quiet one
@@ -49,6 +68,13 @@ def test_every_benchmark_is_listed():
     assert {"prefill.py", "decode.py", "families.py", "vit_throughput.py"} <= set(SCRIPTS)
 
 
+def test_benchmarks_needing_another_environment_are_smoke_run_by_its_ci():
+    """A benchmark left out here for a module it requires is smoke-run by an integration's ci.sh."""
+    ci_scripts = " ".join(path.read_text() for path in BENCHMARKS.parent.glob("integrations/*/ci.sh"))
+    for script in ELSEWHERE:
+        assert f"benchmarks/{script} --smoke" in ci_scripts, f"no ci.sh smoke-runs {script}"
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_smoke_run_prints_paired_ratios(script):
     done = run_benchmark(script, "--smoke")
@@ -61,6 +87,18 @@ def test_smoke_run_prints_paired_ratios(script):
         assert marker in done.stdout, f"{script} --smoke printed no {marker!r}:\n{done.stdout}"
 
 
+def test_selection_smoke_at_the_llava_shape_sets_selections_against_the_estimated_prefill():
+    done = run_benchmark(
+        "selection.py", "--smoke", "--shape", "llava-1.5", "--strategies", "divprune", "pool"
+    )
+    assert done.returncode == 0, (
+        f"--shape llava-1.5 --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    assert "estimated prefill:" in done.stdout and "32 x one decoder layer" in done.stdout
+    for name in ("divprune", "pool"):
+        assert f"  {name:<12} selection" in done.stdout and "of the estimated prefill" in done.stdout
+
+
 def test_prefill_smoke_covers_every_section():
     done = run_benchmark("prefill.py", "--smoke", "--dtype", "bfloat16", "--ratios", "0.5")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -69,6 +107,23 @@ def test_prefill_smoke_covers_every_section():
     assert out.count("target <= 1.02") == 2  # tokenprune / ideal, once per batch
     assert "tokenprune's hooks" in out and "Session" in out  # hook names come from the code itself
     assert "checked" in out  # the KV-cache lengths matched the trace
+
+
+def test_video_smoke_times_prefill_decode_and_where_the_time_goes_at_32_frames():
+    """The video benchmark at 32 frames (smoke widths): a pre-LLM video method, one that merges, and the
+    pruned KV cache at each `--cache-layers` K each get paired prefill and decode rows and their breakdown."""
+    methods = ("--methods", "evs", "fastvid", "cache", "--cache-layers", "0", "2")
+    done = run_benchmark("video.py", "--smoke", "--frames", "32", *methods)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    out = done.stdout
+    assert "== 32 frames" in out and "(160 visual)" in out
+    for row in ("evs", "fastvid", "cache K=0", "cache K=2"):
+        assert f"{row} prefill / unreduced" in out and f"{row} decode step / unreduced" in out
+    assert out.count("    selection ") == 4 and out.count("KV cache ") == 4
+    assert out.count("(between decode steps)") == 2  # the cache site selects while decoding
+    breakdown = {k: out.split(f"cache K={k} decode step")[1].splitlines()[1] for k in (0, 2)}
+    # at K = 0 the site prunes every layer's cache, as the layer-0 methods do; at K = 2 layers 0-1 keep all
+    assert "KV cache 0.10 of 0.33 MiB" in breakdown[0] and "KV cache 0.21 of 0.33 MiB" in breakdown[2]
 
 
 def test_gpu_check_smoke_writes_every_section_with_no_failure(tmp_path):

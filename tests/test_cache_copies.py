@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import tokenprune as tp
+from tokenprune.core.language.forward import cache_of, with_cache
 from tokenprune.testing.models import IMAGE_TOKEN_ID
 from tokenprune.testing.oracles import Prompt, llava_inputs
 
@@ -39,10 +40,14 @@ def test_a_deep_copy_of_a_reduced_cache_continues_like_the_original(llava_sdpa):
     inputs = llava_inputs([Prompt([3, 4], 1), Prompt([1, 2, 5], 2)])
     turn = continued(inputs, [[20, 21], [22, 23]])
     with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)):
-        prompt_cache = llava_sdpa(**inputs, use_cache=True).cache
-        first = llava_sdpa.generate(**turn, cache=copy.deepcopy(prompt_cache), max_new_tokens=4, **GREEDY)
-        second = llava_sdpa.generate(**turn, cache=copy.deepcopy(prompt_cache), max_new_tokens=4, **GREEDY)
-        original = llava_sdpa.generate(**turn, cache=prompt_cache, max_new_tokens=4, **GREEDY)
+        prompt_cache = cache_of(llava_sdpa(**inputs, use_cache=True))
+        first = llava_sdpa.generate(
+            **turn, **with_cache(copy.deepcopy(prompt_cache)), max_new_tokens=4, **GREEDY
+        )
+        second = llava_sdpa.generate(
+            **turn, **with_cache(copy.deepcopy(prompt_cache)), max_new_tokens=4, **GREEDY
+        )
+        original = llava_sdpa.generate(**turn, **with_cache(prompt_cache), max_new_tokens=4, **GREEDY)
     assert_same_run(first, original)
     assert_same_run(second, original)
 
@@ -51,8 +56,8 @@ def test_a_deep_copy_of_a_reduced_cache_continues_like_the_original(llava_sdpa):
 def test_a_copy_of_a_cache_reduced_by_a_detached_attachment_is_refused(llava_sdpa):
     inputs = llava_inputs([Prompt([2, 3], 1)])
     with tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)):
-        cache = llava_sdpa(**inputs, use_cache=True).cache
-    step = {"input_ids": torch.tensor([[20]]), "cache": copy.deepcopy(cache), "use_cache": True}
+        cache = cache_of(llava_sdpa(**inputs, use_cache=True))
+    step = {"input_ids": torch.tensor([[20]]), **with_cache(copy.deepcopy(cache)), "use_cache": True}
     with (
         tp.attach(llava_sdpa, tp.ReductionConfig(layer=2, ratio=0.5)),
         pytest.raises(tp.InputError, match="another tokenprune attachment"),

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tokenprune as tp
+from tokenprune.core.language.forward import cache_of, with_cache
 from tokenprune.testing.oracles import (
     Prompt,
     assert_same_greedy,
@@ -186,7 +187,7 @@ def test_a_multi_token_continuation_on_a_reduced_cache_matches_the_oracle(llava_
             input_ids=new,
             attention_mask=mask,
             position_ids=positions[:, length:],
-            cache=first.cache,
+            **with_cache(cache_of(first)),
             use_cache=True,
         )
     full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], new], 1), "attention_mask": mask}

@@ -322,3 +322,43 @@ def test_the_guides_listings_are_what_the_commands_print(capsys):
         assert main(name.split()) == 0
         printed = capsys.readouterr().out.splitlines()
         assert [line for line in shown if line != "..."] == [line for line in printed if line in shown]
+
+
+# -- cache stages ----------------------------------------------------------------------------
+
+
+def test_cache_stages_show_as_c_with_their_schedule_where_it_is_not_the_default():
+    cache = {"site": "cache", "layer": 2, "keep": 9}
+    extra = [
+        {"strategy": "vlcache", "stages": [cache]},
+        {"strategy": "vlcache", "stages": [{**cache, "window": 3}]},
+        {"strategy": "dycoke", "stages": [{"layer": 0, "keep": 20}, {**cache, "every": 1, "restore": True}]},
+    ]
+    assert labels_of({"strategies": ["fastv"], "layers": [1], "keeps": [9], "extra": extra})[2:] == [
+        "vlcache K=c2 keep=9",
+        "vlcache K=c2 keep=9 window=3",
+        "dycoke K=0,c2 keep=20,9 every=1 restore",
+    ]
+
+
+def test_cell_configs_leave_out_cache_fields_at_their_defaults_and_build_the_same_reduction():
+    """Keys of cells without a cache stage are those of runs recorded before `every`/`window`/`restore`
+    existed; every recorded config builds its reduction back (a language stage refuses those fields)."""
+    extra = [
+        {"strategy": "dycoke", "stages": [{"layer": 0, "keep": 20}, {"site": "cache", "layer": 2, "keep": 9}]}
+    ]
+    extra.append({"strategy": "vlcache", "stages": [{"site": "cache", "layer": 2, "keep": 9, "window": 3}]})
+    cells = cells_of({"strategies": ["fastv"], "layers": [1], "keeps": [9], "extra": extra})[1:]
+    recorded = [cell.config()["reduction"] for cell in cells]
+    assert recorded[0]["stages"] == [
+        {"layer": 1, "keep": 9, "ratio": None, "site": "language", "positions": None}
+    ]
+    added = [[set(stage) - set(recorded[0]["stages"][0]) for stage in r["stages"]] for r in recorded[1:]]
+    assert added == [[set(), set()], [{"window"}]]
+    rebuilt = [
+        tp.ReductionConfig(**{k: v for k, v in r.items() if k not in ("layer", "ratio", "keep")})
+        for r in recorded
+    ]
+    assert [r.model_dump() for r in rebuilt] == [
+        cell.reduction.model_dump() for cell in cells
+    ]  # from the stages

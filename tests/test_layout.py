@@ -9,6 +9,7 @@ from another directory, in an editable and in a regular install.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import grimp
 
 ROOT = Path(__file__).resolve().parents[1]
+# What a build of the package does not need from the checkout (environments, caches, run outputs).
+BUILD_IGNORES = (".git", ".venv*", "build", "runs", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")
 
 DOTTED_IMPORTS = """
 import sys
@@ -92,6 +95,8 @@ def test_dotted_imports_in_this_install(tmp_path):
 
 
 def test_dotted_imports_in_a_regular_install(tmp_path):
+    source = tmp_path / "source"  # a build writes egg-info beside its sources: never into the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_IGNORES))
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -104,7 +109,7 @@ def test_dotted_imports_in_a_regular_install(tmp_path):
             "--no-build-isolation",
             "--target",
             str(target),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,

@@ -27,6 +27,7 @@ from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
 
 import tokenprune as tp
+from tokenprune.core.language.forward import cache_of, with_cache
 from tokenprune.core.language.positions import renumbered
 from tokenprune.errors import AttachError, ConfigError
 from tokenprune.lab.config import load_ablation_config
@@ -385,8 +386,8 @@ def test_a_continuation_and_a_copied_cache_continue_from_the_renumbered_prompt(l
             "position_ids": positions[:, length:],
             "use_cache": True,
         }
-        copied = llava_sdpa(**turn, cache=copy.deepcopy(first.cache)).logits
-        second = llava_sdpa(**turn, cache=first.cache).logits
+        copied = llava_sdpa(**turn, **with_cache(copy.deepcopy(cache_of(first)))).logits
+        second = llava_sdpa(**turn, **with_cache(cache_of(first))).logits
     full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], new], 1), "attention_mask": mask}
     expected = oracle_logits(llava_sdpa, full, trace, appended=new.shape[1], config=config)[:, length:]
     assert (second - expected).abs().max() <= LOGIT_TOL

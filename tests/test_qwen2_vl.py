@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 import tokenprune as tp
 from tokenprune.contracts.layout import grid_coords
+from tokenprune.core.language.forward import with_cache
 from tokenprune.testing.models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, toy_qwen2_5_vl, toy_qwen2_vl
 from tokenprune.testing.oracles import assert_same_greedy, greedy
 from tokenprune.testing.qwen_inputs import (
@@ -314,11 +315,12 @@ def hand_loop(model, inputs: dict, steps: int, watched: list[int]) -> tuple[torc
     banned = [*model.generation_config.suppress_tokens, model.generation_config.eos_token_id]
     cache, tokens = DynamicCache(config=model.config), []
     try:
-        out = model(**inputs, cache=cache, use_cache=True)
+        out = model(**inputs, **with_cache(cache), use_cache=True)
         for _ in range(steps):
             nxt = out.logits[:, -1].index_fill(-1, torch.tensor(banned), float("-inf")).argmax(-1)[:, None]
             tokens.append(nxt)
-            out = model(input_ids=nxt, mm_token_type_ids=torch.zeros_like(nxt), cache=cache, use_cache=True)
+            step = {"input_ids": nxt, "mm_token_type_ids": torch.zeros_like(nxt)}
+            out = model(**step, **with_cache(cache), use_cache=True)
     finally:
         for h in handles:
             h.remove()

@@ -16,6 +16,7 @@ from tokenprune.registry import strategy_class
 
 DEFAULT_STRATEGY = "fastv"
 DEFAULT_LAYER = 2  # FastV's K: layers 0 and 1 see every token
+CACHE_ONLY_FIELDS = ("every", "window", "restore")  # Stage fields of `site: cache` stages alone
 
 
 class Stage(BaseModel):
@@ -30,21 +31,44 @@ class Stage(BaseModel):
     layer: int = Field(DEFAULT_LAYER, ge=0, description="K: the stage reduces the input of decoder layer K")
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of visual tokens removed")
     keep: int | None = Field(None, ge=0, description="visual tokens kept per sample")
-    site: Literal["language", "vision"] = Field(
+    site: Literal["language", "vision", "cache"] = Field(
         "language",
         description="where `layer` counts: the language model's decoder layers (the stage reduces the "
-        "input of layer K), or the vision encoder's (it reduces the output of layer K, per image)",
+        "input of layer K), the vision encoder's (it reduces the output of layer K, per image), or the "
+        "KV cache of decoder layers K and later between decode steps (`docs/cache-site.md`)",
     )
     positions: PositionPolicy | None = Field(
         None,
         description="rotary positions from this stage on: `original` (kept tokens keep theirs) or "
         "`renumbered` (the surviving sequence numbered contiguously); None: the config's `positions`",
     )
+    every: int | None = Field(
+        None,
+        ge=1,
+        description="`site: cache` only: None prunes once, before the first decode step; N also before "
+        "every N-th decode step after it (steps 1, 1 + N, 1 + 2N, ...)",
+    )
+    window: int = Field(
+        1,
+        ge=1,
+        description="`site: cache` only: how many most recent query tokens' attention ranks the entries",
+    )
+    restore: bool = Field(
+        False,
+        description="`site: cache` only: False removes entries from the cache for good (compacted); True "
+        "sets them aside, each selection choosing again among the visual entries of the first one (DyCoke)",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> Self:
         if (self.ratio is None) == (self.keep is None):
             raise ValueError("give exactly one of `ratio` (fraction removed) or `keep` (tokens kept)")
+        if self.site != "cache":
+            for name in CACHE_ONLY_FIELDS:
+                if name in self.model_fields_set:
+                    raise ValueError(
+                        f"`{name}` applies to `site: cache` stages only, not `site: {self.site}`"
+                    )
         return self
 
     def kept_count(self, n_visual: int) -> int:
@@ -108,6 +132,10 @@ class ReductionConfig(BaseModel):
     @classmethod
     def _increasing(cls, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
         for before, after in itertools.pairwise(stages):
+            if before.site == "cache" and after.site != "cache":
+                raise ValueError("`site: cache` stages come after every prefill stage (language or vision)")
+            if before.site == after.site == "cache":
+                raise ValueError("give at most one `site: cache` stage")
             if (before.site, after.site) == ("language", "vision"):
                 raise ValueError("`site: vision` stages come before the language model's stages")
             if after.site == before.site and after.layer <= before.layer:

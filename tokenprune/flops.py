@@ -209,6 +209,63 @@ def tower_flops(
     return [sum(layer_flops(shape, n) for n in item) for item in counts]
 
 
+def cached_entries(
+    n_layers: int,
+    trace: Sequence[ReductionEvent],
+    full_tokens: int | Sequence[int],
+    step: int,
+    restore: bool = False,
+) -> list[list[int]]:
+    """Per sample, the prompt entries each layer's KV cache holds when decode forward `step` runs.
+
+    Prefill (`site: language`) events set each layer's entries as `tokens_per_layer` does; a
+    `site: cache` event of step <= `step` leaves, in layers >= its layer, the entries it kept that
+    the layer still held (original positions, so a later prefill stage's removals stay removed).
+    With `restore` (the cache stage's field) its entries stay in the cache, masked: a dense attention
+    kernel still computes over them, so its events leave the counts as the prefill set them.
+    """
+    counts = tokens_per_layer(n_layers, trace, full_tokens)
+    prefill = sorted((e for e in trace if e.site == "language"), key=lambda e: e.layer)
+    due = [e for e in trace if e.site == "cache" and e.step is not None and e.step <= step]
+    if not due or restore:
+        return counts
+    cache = max(due, key=lambda e: e.step)
+    for item, sample in enumerate(counts):
+        survivors = _positions(cache, item)
+        for layer in range(cache.layer, n_layers):
+            held = [e for e in prefill if e.layer <= layer]
+            sample[layer] = len(survivors & _positions(held[-1], item)) if held else len(survivors)
+    return counts
+
+
+def decode_flops(
+    text_config: Any,
+    trace: Sequence[ReductionEvent],
+    full_tokens: int | Sequence[int],
+    new_tokens: int,
+    restore: bool = False,
+) -> list[int]:
+    """Per sample, decoder `model_flops` of the decode forwards of a `new_tokens` generation.
+
+    Forward i (1 .. new_tokens - 1) runs one token per layer over the prompt entries its cache holds
+    then (`cached_entries`: prefill and `site: cache` reductions; with `restore`, entries set aside stay
+    held and counted) and the i tokens since (itself included): the work of a dense attention kernel.
+    """
+    n_layers = text_config.num_hidden_layers
+    per_sample: list[int] = []
+    for step in range(1, new_tokens):
+        counts = cached_entries(n_layers, trace, full_tokens, step, restore)
+        flops = [model_flops(text_config, [1] * n_layers, [n + step for n in item]) for item in counts]
+        per_sample = flops if not per_sample else [a + b for a, b in zip(per_sample, flops, strict=True)]
+    return per_sample or [0] * len(tokens_per_layer(n_layers, trace, full_tokens))
+
+
+def _positions(event: ReductionEvent, item: int) -> set[int]:
+    """The original positions item `item` of an event keeps."""
+    row = event.kept[item]
+    return set(row[row >= 0].tolist())
+
+
 def _batch_size(events: Sequence[ReductionEvent], full_tokens: int | Sequence[int]) -> int:
     """Items the counts are for: one per entry of `full_tokens`, else of the first event; all must agree."""
     if not isinstance(full_tokens, int):

@@ -22,7 +22,9 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import (
@@ -31,7 +33,10 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
 )
 
 from tokenprune.builtin.models import (
@@ -66,6 +71,8 @@ PROMPT = "<image> {question}"
 TURN = " {question} {answer}</s>"  # "<image>" + TURN without the answer is PROMPT
 TURNS = 4
 
+M = TypeVar("M", bound=PreTrainedModel)
+
 
 def build_model(processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     """The untrained toy LLaVA, seeded: a 4-layer CLIP tower read after its third layer, a 4-layer Llama.
@@ -74,7 +81,34 @@ def build_model(processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     the tower and pruning before the language model are different sites.
     """
     tokenizer = processor.tokenizer
-    text = LlamaConfig(
+    config = LlavaConfig(
+        vision_config=vision_config(4, IMAGE_SIZE, PATCH_SIZE),
+        text_config=text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=GRID * GRID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        attn_implementation="sdpa",
+    )
+    return seeded(LlavaForConditionalGeneration, config, tokenizer)
+
+
+def vision_config(layers: int, image_size: int, patch_size: int) -> CLIPVisionConfig:
+    """The toys' CLIP-style tower: `layers` layers 64 wide with 2 heads, over `patch_size` pixel patches."""
+    return CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=64,
+    )
+
+
+def text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The toys' 4-layer Llama decoder with tied word embeddings."""
+    return LlamaConfig(
         vocab_size=64,
         hidden_size=128,
         intermediate_size=384,
@@ -87,26 +121,12 @@ def build_model(processor: LlavaProcessor) -> LlavaForConditionalGeneration:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=64,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=GRID * GRID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        attn_implementation="sdpa",
-    )
+
+
+def seeded(model_class: type[M], config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast) -> M:
+    """`model_class(config)` with weights drawn from SEED, decoding greedily two tokens at most."""
     torch.manual_seed(SEED)
-    model = LlavaForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.update(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -137,12 +157,16 @@ def training_batch(processor: LlavaProcessor, samples: list[VQASample]) -> dict[
     for sample in samples:
         turns = conversation(sample, random.Random(sample.id))
         texts.append("<image>" + "".join(TURN.format(question=q, answer=a) for q, a in turns))
-    inputs = processor(
-        images=[s.image for s in samples], text=texts, padding=True, padding_side="right", return_tensors="pt"
-    )
+    return supervised_batch(processor, texts, images=[s.image for s in samples])
+
+
+def supervised_batch(processor: ProcessorMixin, texts: list[str], **visual: list) -> dict[str, torch.Tensor]:
+    """The processor's right-padded batch of `texts` and `visual` inputs, labelled on each </s> and the
+    one-word answer before it (the rest -100)."""
+    inputs = processor(text=texts, padding=True, padding_side="right", return_tensors="pt", **visual)
     ids = inputs["input_ids"]
     eos = ids == processor.tokenizer.eos_token_id
-    supervised = eos | torch.cat([eos[:, 1:], eos[:, :1]], 1)  # each </s> and the one-word answer before it
+    supervised = eos | torch.cat([eos[:, 1:], eos[:, :1]], 1)
     return {**inputs, "labels": torch.where(supervised, ids, -100)}
 
 
@@ -181,15 +205,25 @@ def align(model: LlavaForConditionalGeneration, processor: LlavaProcessor, steps
         pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
         features = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])
-        logits = features @ embeddings.weight.T
-        targets = patch_targets(samples, processor.tokenizer, logits.shape[-1])
-        losses, on_object = -(targets * logits.log_softmax(-1)).sum(-1), targets[..., 0] == 0
-        loss = losses[on_object].mean() + losses[~on_object].mean()  # objects weigh as much as background
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % 50 == 0:
-            print(f"align {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+        targets = patch_targets(samples, processor.tokenizer, embeddings.weight.shape[0])
+        loss, _ = naming_loss(features @ embeddings.weight.T, targets)
+        descend(optimizer, loss, step, steps)
+
+
+def naming_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, on_object [..., patches]): cross-entropy of the patches' word `logits` against `targets`,
+    objects' patches (their target gives word 0, <pad>, nothing) weighing as much as the background's."""
+    losses, on_object = -(targets * logits.log_softmax(-1)).sum(-1), targets[..., 0] == 0
+    return losses[on_object].mean() + losses[~on_object].mean(), on_object
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, steps: int) -> None:
+    """One alignment step on `loss`, logged every 50 steps."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if (step + 1) % 50 == 0:
+        print(f"align {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
 
 
 def curriculum(step: int, steps: int) -> int:
@@ -198,18 +232,34 @@ def curriculum(step: int, steps: int) -> int:
 
 
 def train(model: LlavaForConditionalGeneration, processor: LlavaProcessor, steps: int) -> None:
-    """AdamW on the fixed stream of training batches, logging the running loss every 50 steps."""
-    model.train()
+    """Stage 2: the projector and decoder on the curriculum's batches, the vision tower frozen."""
     model.model.vision_tower.requires_grad_(False)  # frozen after alignment, as in LLaVA's second stage
+    probe = generate_samples("test", PROBE, seed=1)  # not the held-out slice scored at the end
+
+    def batch_at(step: int) -> dict[str, torch.Tensor]:
+        samples = generate_samples("train", BATCH, seed=step, max_objects=curriculum(step, steps))
+        return training_batch(processor, samples)
+
+    fit(model, steps, batch_at, lambda: probe_accuracy(BuiltinModel(model, processor, PROMPT, 2), probe), 200)
+
+
+def fit(
+    model: PreTrainedModel,
+    steps: int,
+    batch_at: Callable[[int], dict[str, torch.Tensor]],
+    probe: Callable[[], dict[str, float]],
+    probe_every: int,
+) -> None:
+    """AdamW on the parameters left trainable over the fixed stream `batch_at(step)`, logging the running
+    loss every 50 steps and the `probe` accuracies every `probe_every`."""
+    model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
     start, running = time.perf_counter(), 0.0
-    probe = generate_samples("test", PROBE, seed=1)  # not the held-out slice scored at the end
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps)
-        samples = generate_samples("train", BATCH, seed=step, max_objects=curriculum(step, steps))
-        loss = model(**training_batch(processor, samples)).loss
+        loss = model(**batch_at(step)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -219,15 +269,19 @@ def train(model: LlavaForConditionalGeneration, processor: LlavaProcessor, steps
             elapsed = time.perf_counter() - start
             print(f"step {step + 1}/{steps} loss {running / 50:.4f} {elapsed:.0f}s", flush=True)
             running = 0.0
-        if (step + 1) % 200 == 0:
+        if (step + 1) % probe_every == 0:
             model.eval()
-            answers = answer_questions(BuiltinModel(model, processor, PROMPT, 2), probe)
-            print(f"  probe accuracy by kind {accuracy_by_kind(answers, probe)}", flush=True)
+            print(f"  probe accuracy by kind {probe()}", flush=True)
             model.train()
     model.eval()
 
 
-def accuracy_by_kind(predictions: list[str], samples: list[VQASample]) -> dict[str, float]:
+def probe_accuracy(model: BuiltinModel, samples: list) -> dict[str, float]:
+    """Accuracy per question kind of `model`'s answers on `samples`."""
+    return accuracy_by_kind(answer_questions(model, samples), samples)
+
+
+def accuracy_by_kind(predictions: list[str], samples: list) -> dict[str, float]:
     """Accuracy per question kind (the question's first two words)."""
     kinds: dict[str, list[bool]] = {}
     for prediction, sample in zip(predictions, samples, strict=True):
@@ -236,7 +290,7 @@ def accuracy_by_kind(predictions: list[str], samples: list[VQASample]) -> dict[s
     return {kind: round(sum(hits) / len(hits), 2) for kind, hits in sorted(kinds.items())}
 
 
-def baselines(samples: list[VQASample]) -> dict[str, float]:
+def baselines(samples: list) -> dict[str, float]:
     """Blind rates on `samples`: the most common answer, and the most common answer per question."""
     answers = Counter(s.answers[0] for s in samples)
     per_question: dict[str, Counter[str]] = {}
@@ -244,6 +298,47 @@ def baselines(samples: list[VQASample]) -> dict[str, float]:
         per_question.setdefault(s.question, Counter())[s.answers[0]] += 1
     blind = sum(c.most_common(1)[0][1] for c in per_question.values())
     return {"majority_rate": answers.most_common(1)[0][1] / len(samples), "blind_rate": blind / len(samples)}
+
+
+def trained_and_saved(
+    processor: ProcessorMixin,
+    model: PreTrainedModel,
+    stages: Callable[[], None],
+    heldout: list,
+    task: dict[str, str],
+    out: Path,
+    training: dict[str, object],
+) -> None:
+    """Run the training `stages`, timed; score `heldout` (the test split's seed 0); save the model, the
+    processor and tokenprune.json (`task`, held-out scores, `training` with the time and size)."""
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{params / 1e6:.2f} M parameters", flush=True)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    stages()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    answers = answer_questions(BuiltinModel(model, processor, task["prompt"], 2), heldout)
+    accuracy = vqa_accuracy(answers, heldout)
+    print(f"held-out accuracy {accuracy:.3f} after {seconds:.0f}s ({cpu_seconds:.0f} CPU s)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    scores = {
+        "accuracy": accuracy,
+        "accuracy_by_kind": accuracy_by_kind(answers, heldout),
+        **baselines(heldout),
+    }
+    settings = {
+        **task,
+        "max_new_tokens": 2,
+        "heldout": {"split": "test", "seed": 0, "n": len(heldout), **scores},
+        "training": {
+            **training,
+            "seconds": round(seconds),
+            "cpu_seconds": round(cpu_seconds),
+            "parameters": params,
+        },
+    }
+    (out / "tokenprune.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def main() -> None:
@@ -257,42 +352,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     processor = toy_llava_processor()
     model = build_model(processor)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"{params / 1e6:.2f} M parameters", flush=True)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    align(model, processor, args.align_steps)
-    train(model, processor, args.steps)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+
+    def stages() -> None:
+        align(model, processor, args.align_steps)
+        train(model, processor, args.steps)
+
     heldout = generate_samples("test", HELDOUT, seed=0)
-    answers = answer_questions(BuiltinModel(model, processor, PROMPT, 2), heldout)
-    accuracy = vqa_accuracy(answers, heldout)
-    print(f"held-out accuracy {accuracy:.3f} after {seconds:.0f}s ({cpu_seconds:.0f} CPU s)", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    settings = {
-        "task": "builtin:toy-vqa",
-        "prompt": PROMPT,
-        "max_new_tokens": 2,
-        "heldout": {
-            "split": "test",
-            "seed": 0,
-            "n": HELDOUT,
-            "accuracy": accuracy,
-            "accuracy_by_kind": accuracy_by_kind(answers, heldout),
-            **baselines(heldout),
-        },
-        "training": {
-            "align_steps": args.align_steps,
-            "steps": args.steps,
-            "batch": BATCH,
-            "threads": args.threads,
-            "seconds": round(seconds),
-            "cpu_seconds": round(cpu_seconds),
-            "parameters": params,
-        },
-    }
-    (args.out / "tokenprune.json").write_text(json.dumps(settings, indent=2) + "\n")
+    training = {"align_steps": args.align_steps, "steps": args.steps, "batch": BATCH, "threads": args.threads}
+    task = {"task": "builtin:toy-vqa", "prompt": PROMPT}
+    trained_and_saved(processor, model, stages, heldout, task, args.out, training)
 
 
 if __name__ == "__main__":

@@ -92,19 +92,26 @@ def render(scene: tuple[Shape, ...]) -> Image.Image:
     side = OBJECT_PATCHES * PATCH_SIZE
     for obj in scene:
         x0, y0 = obj.col * PATCH_SIZE + 2, obj.row * PATCH_SIZE + 2
-        x1, y1 = x0 + side - 5, y0 + side - 5
-        fill = COLOURS[obj.colour]
-        if obj.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        elif obj.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        else:  # cross
-            mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-            draw.rectangle((mx - 2, y0, mx + 2, y1), fill=fill)
-            draw.rectangle((x0, my - 2, x1, my + 2), fill=fill)
+        draw_shape(draw, obj.shape, (x0, y0, x0 + side - 5, y0 + side - 5), COLOURS[obj.colour], bar=2)
     return image
+
+
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, ...], bar: int
+) -> None:
+    """Draw a square, circle, triangle or cross (bars `bar` pixels either side of the centre) in `box`;
+    shared by the image and the video toys so their shapes look alike."""
+    x0, y0, x1, y1 = box
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # cross
+        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.rectangle((mx - bar, y0, mx + bar, y1), fill=fill)
+        draw.rectangle((x0, my - bar, x1, my + bar), fill=fill)
 
 
 def _scene(rng: random.Random, split: Split, max_objects: int) -> tuple[Shape, ...]:

@@ -11,16 +11,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from transformers import PretrainedConfig
 
 from tokenprune.contracts.layout import VisualLayout
 from tokenprune.contracts.probe import ProjectionProbe
 from tokenprune.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class BaseAdapter(ABC):

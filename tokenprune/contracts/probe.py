@@ -172,12 +172,34 @@ class ProjectionProbe:
         Keys are those `allowed` [B, L] at or before each row (causal). Query heads are grouped over
         their shared key head (GQA) instead of repeating the keys.
         """
+        hidden = gather_tokens(inputs.hidden, rows, 1)
+        rotary = tuple(gather_tokens(t, rows, 1) for t in inputs.rotary) if rope else None
+        return self._attend(self._queries(hidden, rotary), keys, rows, allowed)
+
+    @torch.no_grad()
+    def cached_rows(self, inputs: AttentionInputs, keys: Tensor, allowed: Tensor) -> Tensor:
+        """[B, w, Lc] float32 head-averaged attention of each row of `inputs` over cached keys.
+
+        `inputs` hold the w newest query tokens (normed hidden states and their rotary tables), which
+        are the last w slots of the cache; `keys` [B, Hkv, Lc, d] are the layer's cached keys (after
+        its rotary embedding, as it caches them); `allowed` [B, Lc] the slots that may be attended.
+        """
+        batch, n_rows = inputs.hidden.shape[:2]
+        rows = torch.arange(keys.shape[2] - n_rows, keys.shape[2], device=keys.device).expand(batch, -1)
+        return self._attend(self._queries(inputs.hidden, inputs.rotary), keys.float(), rows, allowed)
+
+    def _queries(self, hidden: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+        """[B, H, r, d] queries of normed hidden states [B, r, D], rotated by `rotary` unless None."""
+        queries = self._per_head(self.attention.q_proj(hidden), "q_norm").transpose(1, 2)
+        if rotary is not None:
+            queries, _ = self.rotary(queries, queries, *rotary)
+        return queries
+
+    def _attend(self, queries: Tensor, keys: Tensor, rows: Tensor, allowed: Tensor) -> Tensor:
+        """[B, r, L] softmax of queries [B, H, r, d] sitting at slots `rows` [B, r] over keys
+        [B, Hkv, L, d] `allowed` [B, L] at or before each row, averaged over heads, in float32."""
         attn = self.attention
         batch, n_rows = rows.shape
-        queries = self._per_head(attn.q_proj(gather_tokens(inputs.hidden, rows, 1)), "q_norm").transpose(1, 2)
-        if rope:
-            cos, sin = (gather_tokens(t, rows, 1) for t in inputs.rotary)
-            queries, _ = self.rotary(queries, queries, cos, sin)
         kv_heads, dim = keys.shape[1], keys.shape[-1]
         grouped = queries.float().reshape(batch, kv_heads, -1, n_rows, dim).flatten(2, 3)
         # in place from here: each step's input is a fresh float32 tensor nothing else holds

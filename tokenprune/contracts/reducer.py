@@ -20,7 +20,7 @@ from tokenprune.contracts.layout import SEGMENT_KINDS
 from tokenprune.errors import StrategyError, TokenPruneError
 
 QueryRows = Literal["last", "mean", "class"]
-Site = Literal["language", "vision"]
+Site = Literal["language", "vision", "cache"]
 PositionPolicy = Literal["original", "renumbered"]
 
 
@@ -91,7 +91,8 @@ class TokenView:
                 (`budget` is then their sum per sample)
     - sizes     [B, L] float or None  original tokens each token stands for after earlier merges
                 (None: all 1; read it through `token_sizes()`)
-    - site      "language" (a decoder layer's input) or "vision" (a vision encoder's tokens)
+    - site      "language" (a decoder layer's input), "vision" (a vision encoder's tokens) or "cache"
+                (the visual entries of a KV cache between decode steps: `docs/cache-site.md`)
     - kind      [B, L] long or None  a candidate's segment kind, an index into `SEGMENT_KINDS`
                 ("grid"; "thumbnail": InternVL's whole-image tile; "base": LLaVA-NeXT's low-resolution
                 grid), -1 otherwise; read it through `of_kind(name)` (None: every segment a "grid")
@@ -271,14 +272,17 @@ def group_counts(mask: Tensor, groups: Tensor, n_groups: int) -> Tensor:
     return counts.scatter_add_(1, slot, torch.ones_like(slot))[:, :n_groups]
 
 
+def proportional_shares(total: Tensor, weights: Tensor) -> Tensor:
+    """[B, G] long: `total` [B] shared over groups in proportion to `weights` [B, G] in exact integer
+    arithmetic (largest remainder, ties to the earlier group); a group of weight 0 gets nothing."""
+    whole = weights.sum(dim=1, keepdim=True).clamp(min=1)
+    exact = total[:, None] * weights
+    floor, remainder = exact // whole, exact % whole
+    order = torch.sort(remainder, dim=1, descending=True, stable=True).indices
+    extra = torch.arange(weights.shape[1], device=weights.device) < (total - floor.sum(dim=1))[:, None]
+    return floor + torch.zeros_like(floor).scatter(1, order, extra.long()) * (weights > 0)
+
+
 def split_budget(budget: int, sizes: list[int]) -> list[int]:
-    """Share `budget` over groups proportionally to `sizes` (largest remainder, ties to earlier groups)."""
-    total = sum(sizes)
-    if total == 0:
-        return [0] * len(sizes)
-    exact = [budget * s / total for s in sizes]
-    shares = [int(e) for e in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
-    for i in by_remainder[: budget - sum(shares)]:
-        shares[i] += 1
-    return shares
+    """Share `budget` over groups proportionally to `sizes`: `proportional_shares` of one sample."""
+    return proportional_shares(torch.tensor([budget]), torch.tensor([sizes], dtype=torch.long))[0].tolist()

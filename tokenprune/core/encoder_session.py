@@ -18,7 +18,7 @@ from tokenprune.contracts.reducer import Reducer
 from tokenprune.core.grid import GridTokens, check_site_layers
 from tokenprune.core.schedule import schedule_stages
 from tokenprune.core.selection import check_strategy_site
-from tokenprune.errors import AttachError, InputError, TokenPruneError
+from tokenprune.errors import AttachError, ConfigError, InputError, TokenPruneError
 
 if TYPE_CHECKING:
     from tokenprune.config import ReductionConfig, Stage
@@ -34,6 +34,11 @@ class EncoderSession:
         self.config = config
         self.reducer = reducer
         check_strategy_site(reducer, "vision")
+        if any(stage.site == "cache" for stage in config.stages):
+            raise ConfigError(
+                f"adapter {adapter.name!r} drives a vision encoder, which has no KV cache: "
+                "`site: cache` stages need a language model"
+            )
         self.stages = {stage.layer: stage for stage in self._stages()}
         self.trace: list[ReductionEvent] = []
         self._pass: GridTokens | None = None

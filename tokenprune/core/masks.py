@@ -10,8 +10,8 @@ stated in ORIGINAL positions (slots of the input sequence, as the model's own ma
   is whatever of it is kept.
 
 transformers' own mask functions express the rules (`causal_mask_function`, `sliding_window_overlay`,
-`blockwise_overlay`, `and_masks`, `or_masks`), made position-aware by
-`remap_positions_for_packed_sequence`, and the backend's mask interface builds the mask from them.
+`blockwise_overlay`, `and_masks`, `or_masks`), made position-aware by `_at_original_positions`, and
+the backend's mask interface builds the mask from them.
 A layer with neither a window nor blocks gets the plain causal mask over its (sorted) keys, which
 lets SDPA skip the mask where transformers would.
 """
@@ -30,7 +30,6 @@ from transformers.masking_utils import (
     blockwise_overlay,
     causal_mask_function,
     or_masks,
-    remap_positions_for_packed_sequence,
     sliding_window_overlay,
 )
 
@@ -92,7 +91,20 @@ def _original_rule(positions: Tensor, window: int | None, blocks: Tensor | None)
         rule = or_masks(rule, blockwise_overlay(padded))
     if window is not None:
         rule = and_masks(sliding_window_overlay(window), rule)
-    return remap_positions_for_packed_sequence(rule, positions)
+    return _at_original_positions(rule, positions)
+
+
+def _at_original_positions(rule: Callable, positions: Tensor) -> Callable:
+    """`rule` over slots of the shortened sequence, judged at their original positions [B, L].
+
+    What transformers >= 5.23 calls `remap_positions_for_packed_sequence`; written here so the
+    masks need no newer transformers than vLLM's.
+    """
+
+    def at_positions(batch_idx, head_idx, q_idx, kv_idx):
+        return rule(batch_idx, head_idx, positions[batch_idx, q_idx], positions[batch_idx, kv_idx])
+
+    return at_positions
 
 
 def layer_window(config, layer_type: str) -> int | None:

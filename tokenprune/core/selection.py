@@ -27,7 +27,11 @@ class ReductionEvent:
     holds it (itself, or the token it was merged into), -1 once removed or for padding.
     `sizes` [B, L'] float: original tokens each kept token stands for; None when nothing merged.
     `site`: "language" (B = samples, positions in the input ids) or "vision" (B = images of the
-    vision batch or of the ViT, positions in the encoder's [prefix, patches] sequence).
+    vision batch or of the ViT, positions in the encoder's [prefix, patches] sequence) or "cache"
+    (entries of the prompt left the KV cache of layers >= `layer` between decode steps; counts are over
+    the prompt's cached entries).
+    `step`: at a cache site, the index of the generated token whose forward is the first to run without
+    the removed entries (the prefill produces token 0: pruning right after it is step 1); None elsewhere.
     """
 
     layer: int
@@ -39,6 +43,7 @@ class ReductionEvent:
     groups: Tensor | None = None
     sizes: Tensor | None = None
     site: str = "language"
+    step: int | None = None
 
 
 def checked_select(reducer: Reducer, view: TokenView) -> tuple[Tensor, Merge | None]:

@@ -24,6 +24,7 @@ from tokenprune.lab.datasets import Sample
 from tokenprune.lab.loading import Loaded
 
 IMAGE_MARK = "<image>"
+VIDEO_MARK = "<video>"
 
 
 @dataclass
@@ -54,7 +55,7 @@ def make_batches(loaded: Loaded, samples: Sequence[Sample], batch_size: int) -> 
         chunk = samples[start : start + batch_size]
         texts = [prompt_text(loaded, s) for s in chunk]
         inputs = loaded.processor(
-            images=[image for s in chunk for image in s.images],
+            **media(chunk),
             text=texts,
             padding=True,
             padding_side="left",
@@ -102,18 +103,39 @@ def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
     return min(len(first), len(second))
 
 
+def media(samples: Sequence[Sample]) -> dict[str, list]:
+    """The processor's media arguments: the samples' `images`, and their `videos` when any has one
+    (then `images` only when there are some: a video processor is not given an empty image list)."""
+    images = [image for s in samples for image in s.images]
+    videos = [video for s in samples for video in s.videos]
+    if not videos:
+        return {"images": images}
+    return {"videos": videos, **({"images": images} if images else {})}
+
+
 def prompt_text(loaded: Loaded, sample: Sample) -> str:
-    """The template with the question, and one image token per image of the sample where `<image>` is.
+    """The template with the question, and one image (video) token per image (video) of the sample where
+    `<image>` (`<video>`) is.
 
     The processor's own image token (Qwen2-VL's `<|image_pad|>`) marks the place as well as `<image>`;
-    a template with neither gets `<image>\\n` in front.
+    a template with neither gets `<image>\\n` in front (videos: the same with `<video>`).
     """
-    image_token = getattr(loaded.processor, "image_token", None) or IMAGE_MARK
     text = loaded.prompt.format(question=sample.question)
-    mark = IMAGE_MARK if IMAGE_MARK in text or image_token not in text else image_token
+    if sample.videos:
+        video_token = getattr(loaded.processor, "video_token", None) or VIDEO_MARK
+        text = _placed(text, VIDEO_MARK, video_token, len(sample.videos))
+    if sample.images or not sample.videos:
+        image_token = getattr(loaded.processor, "image_token", None) or IMAGE_MARK
+        text = _placed(text, IMAGE_MARK, image_token, len(sample.images))
+    return text
+
+
+def _placed(text: str, mark: str, token: str, count: int) -> str:
+    """`count` copies of `token` where `mark` (else `token`) is in `text`, or in front of it."""
+    mark = mark if mark in text or token not in text else token
     if mark not in text:
         text = f"{mark}\n{text}"
-    return text.replace(mark, image_token * len(sample.images), 1)
+    return text.replace(mark, token * count, 1)
 
 
 def model_view(processor: Any, inputs: dict[str, Tensor]) -> Image.Image | None:

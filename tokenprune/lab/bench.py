@@ -144,6 +144,7 @@ def memory_fields(base: Footprint, cell: Footprint) -> dict[str, Any]:
     return {
         "kv_cache_bytes": cell.kv_cache_bytes,
         "baseline_kv_cache_bytes": base.kv_cache_bytes,
+        "kv_cache_bytes_decoded": cell.kv_cache_bytes_decoded,
         "peak_memory_bytes": cell.peak_memory_bytes,
         "baseline_peak_memory_bytes": base.peak_memory_bytes,
         "overhead_s": cell.overhead_s,

@@ -149,10 +149,12 @@ def keep_problems(cells: Sequence[Cell], per_sample: int, per_frame: int, source
 
 
 def check_batch_keeps(config_file: Path, cells: Sequence[Cell], layout: VisualLayout | None) -> None:
-    """Refuse keeps larger than the visual tokens of a sample (a frame) in the first processed batch."""
+    """Refuse keeps larger than the visual tokens of a sample in the first processed batch, or with
+    `budget: per_frame` than its largest frame grid (smaller grids, such as a video frame's class
+    token, keep all of theirs: the budget caps nothing there, the keep still applies to the others)."""
     if layout is None:
         return
     per_sample = int(layout.visual.sum(dim=1).min())
-    per_frame = min(int(row[row >= 0].bincount().min()) for row in layout.frame if (row >= 0).any())
+    per_frame = min(int(row[row >= 0].bincount().max()) for row in layout.frame if (row >= 0).any())
     source = "the fewest of a sample in the first batch"
     _raise(config_file, keep_problems(cells, per_sample, per_frame, source))

@@ -1,8 +1,10 @@
 """Visual question answering data for `tokenprune ablate`: the built-in task, JSONL files, `datasets` folders.
 
-Every source yields `Sample`s: an id, the images (PIL, RGB), the question and the accepted answers.
+Every source yields `Sample`s: an id, the images (PIL, RGB), the question and the accepted answers;
+a video sample has its clips (lists of frames) in `videos` instead of images.
 
-- `builtin:toy-vqa`: generated on the fly (`tokenprune.builtin.toyvqa`), nothing read from disk.
+- `builtin:toy-vqa` and `builtin:toy-video-vqa`: generated on the fly (`tokenprune.builtin.toyvqa`,
+  `tokenprune.builtin.toyvideo`), nothing read from disk.
 - A JSONL file: one object per line with `image` (a path, or a list of paths, relative to the
   file's folder), `question`, and `answers` (a list) or `answer` (a string); `id` is optional.
   A config's relative dataset path is relative to the config file's folder (`resolve_source`).
@@ -19,14 +21,16 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tokenprune.builtin.models import builtin_dataset
+from tokenprune.builtin.models import BUILTIN_DATASETS, builtin_dataset
+from tokenprune.builtin.toyvideo import VideoSample
+from tokenprune.builtin.toyvqa import VQASample
 from tokenprune.errors import ConfigError, describe_errors
 
 BUILTIN_PREFIX = "builtin:"
@@ -35,12 +39,17 @@ LMMS_EVAL_SOURCE = "lmms-eval"  # a grid over lmms-eval tasks (`tokenprune.lab.l
 
 @dataclass
 class Sample:
-    """One question about one or more images, with the answers counted as correct."""
+    """One question about one or more images (or videos: frame lists), with the answers counted correct."""
 
     id: str
     images: list[Image.Image]
     question: str
     answers: list[str]
+    videos: list[list[Image.Image]] = field(default_factory=list)
+
+    def pictures(self) -> list[Image.Image]:
+        """The images, then every frame of every video: what a sample shows, in order."""
+        return [*self.images, *(frame for video in self.videos for frame in video)]
 
 
 class Record(BaseModel):
@@ -78,20 +87,27 @@ def load_samples(source: str, split: str, limit: int | None, seed: int = 0) -> l
     if path.is_dir():
         return saved_dataset_samples(path, split, limit)
     raise ConfigError(
-        f"dataset {source!r}: not a builtin name ({BUILTIN_PREFIX}toy-vqa), an existing JSONL file, "
+        f"dataset {source!r}: not a builtin name ({', '.join(BUILTIN_DATASETS)}), an existing JSONL file, "
         "or a folder saved with datasets' save_to_disk"
     )
 
 
 def builtin_samples(name: str, split: str, limit: int | None, seed: int = 0) -> list[Sample]:
-    """`builtin:toy-vqa`: `limit` generated samples of `split` (`train` or `test`)."""
+    """`builtin:toy-vqa` or `builtin:toy-video-vqa`: `limit` generated samples of `split` (train or test)."""
     if limit is None:
         raise ConfigError(f"dataset {name!r} is generated: give `limit`, the number of samples")
     try:
         samples = builtin_dataset(name, split, limit, seed=seed)
     except ValueError as exc:
         raise ConfigError(f"dataset {name!r}: {exc}") from exc
-    return [Sample(s.id, [s.image], s.question, list(s.answers)) for s in samples]
+    return [_builtin_sample(s) for s in samples]
+
+
+def _builtin_sample(sample: VQASample | VideoSample) -> Sample:
+    """A generated sample of a built-in task as a `Sample`: a clip as one video, else its image."""
+    if isinstance(sample, VideoSample):
+        return Sample(sample.id, [], sample.question, list(sample.answers), videos=[sample.frames])
+    return Sample(sample.id, [sample.image], sample.question, list(sample.answers))
 
 
 def jsonl_samples(path: Path, limit: int | None = None) -> list[Sample]:
@@ -203,28 +219,28 @@ def resolve_source(source: str, folder: Path) -> str:
 
 
 def contents_digest(samples: Sequence[Sample]) -> str:
-    """A hash of the samples as loaded: ids, questions, answers, each image's mode, size and pixels.
+    """A hash of the samples as loaded: ids, questions, answers, each image's (frame's) mode, size and pixels.
 
     Not the path: an edited answer or image changes it, a moved or re-encoded (same pixels) file does not.
     """
     hasher = hashlib.sha256()
     for sample in samples:
         hasher.update(json.dumps([sample.id, sample.question, sample.answers]).encode())
-        for image in sample.images:
+        for image in sample.pictures():
             hasher.update(f"{image.mode} {image.size}".encode())
             hasher.update(image.tobytes())
     return hasher.hexdigest()[:16]
 
 
 def preview(source: str, split: str, limit: int | None, seed: int = 0, count: int = 8) -> list[int]:
-    """Check the first `count` records of a source without decoding images: images per record.
+    """Check the first `count` records of a source without decoding images: images (or frames) per record.
 
     Raises ConfigError naming the file and line (or row) of the first bad record, a missing path
     or image, or an unknown builtin.
     """
     count = count if limit is None else min(count, limit)
     if source.startswith(BUILTIN_PREFIX):
-        return [len(sample.images) for sample in builtin_samples(source, split, limit and count, seed)]
+        return [len(sample.pictures()) for sample in builtin_samples(source, split, limit and count, seed)]
     path = Path(source)
     if path.is_dir():
         return [len(sample.images) for sample in saved_dataset_samples(path, split, count)]

@@ -33,7 +33,7 @@ import torch
 import transformers
 
 import tokenprune as tp
-from tokenprune.builtin.models import TOY_LLAVA_DIR
+from tokenprune.builtin.models import TOY_LLAVA_DIR, TOY_VIDEO_LLAVA_DIR
 from tokenprune.errors import ConfigError
 from tokenprune.lab.config import AblationConfig, DatasetSpec
 from tokenprune.lab.datasets import Sample, contents_digest
@@ -42,7 +42,10 @@ from tokenprune.lab.results import RESULTS_GLOB, Row, merge, results_files
 
 FINGERPRINT_FILE = "fingerprint.json"
 PARTS = ("config", "dataset", "model", "versions")
-BUILTIN_FOLDERS = {"builtin:toy-llava": TOY_LLAVA_DIR}  # builtins whose weights are package files
+BUILTIN_FOLDERS = {  # builtins whose weights are package files
+    "builtin:toy-llava": TOY_LLAVA_DIR,
+    "builtin:toy-video-llava": TOY_VIDEO_LLAVA_DIR,
+}
 FULL_HASH_BYTES = 256 * 2**20  # files up to this size are hashed whole
 STRIDE_SAMPLES = 256  # a larger file: its size, its safetensors header and this many strided chunks
 CHUNK_BYTES = 64 * 2**10

@@ -14,9 +14,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import tokenprune as tp
+from tokenprune.config import CACHE_ONLY_FIELDS
 from tokenprune.errors import ConfigError
 from tokenprune.lab.config import AblationConfig
 from tokenprune.lab.datasets import contents_digest, load_samples
+
+SITE_PREFIX = {"language": "", "vision": "v", "cache": "c"}  # a stage's K in labels: `2`, `v22`, `c3`
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,20 @@ class Cell:
 
     def config(self) -> dict[str, Any]:
         """The exact cell config, as recorded in its row and hashed into its key."""
-        reduction = None if self.reduction is None else self.reduction.model_dump(mode="json")
+        reduction = None if self.reduction is None else _stable_dump(self.reduction)
         return {"reduction": reduction, "seed": self.seed}
+
+
+def _stable_dump(reduction: tp.ReductionConfig) -> dict[str, Any]:
+    """The reduction as JSON, its stages' cache-only fields left out at their defaults: the keys of
+    cells without a `site: cache` stage stay those of runs recorded before these fields existed, and
+    the dump builds the same config back (a non-cache stage refuses them when given)."""
+    dumped = reduction.model_dump(mode="json")
+    for stage in dumped["stages"]:
+        for name in CACHE_ONLY_FIELDS:
+            if stage[name] == tp.Stage.model_fields[name].default:
+                del stage[name]
+    return dumped
 
 
 def expand_grid(config: AblationConfig, dataset: str | None = None) -> list[Cell]:
@@ -101,14 +116,17 @@ def _changed_params(reduction: tp.ReductionConfig) -> list[str]:
 def _label(reduction: tp.ReductionConfig | None, shown: list[str]) -> str:
     """A short name: `fastv K=2 R=0.75 score=mean`, `random K=2 keep=64 seed=1`, `baseline`.
 
-    Vision-tower stages show as `K=v22` (the output of vision layer 22); then the params in `shown`
+    Vision-tower stages show as `K=v22` (the output of vision layer 22), cache stages as `K=c3` (the
+    caches of decoder layers 3 and later) with their schedule (`every=2 window=4 restore`) where it
+    differs from the defaults (one pruning after the prefill); then the params in `shown`
     and the seed (of strategies with one), with the values they run with; then what differs from
     the defaults (budget, position policy, token order).
     """
     if reduction is None:
         return "baseline"
-    layers = ",".join(str(s.layer) if s.site == "language" else f"v{s.layer}" for s in reduction.stages)
-    parts = [reduction.strategy, f"K={layers}", _budgets(reduction.stages)]
+    layers = ",".join(SITE_PREFIX[s.site] + str(s.layer) for s in reduction.stages)
+    stages = reduction.stages
+    parts = [reduction.strategy, f"K={layers}", _budgets(stages), *_cache_schedule(stages)]
     parts += [f"{k}={reduction.params[k]}" for k in shown]
     if "seed" in reduction.params and "seed" not in shown:
         parts.append(f"seed={reduction.params['seed']}")
@@ -118,6 +136,17 @@ def _label(reduction: tp.ReductionConfig | None, shown: list[str]) -> str:
     if reduction.token_order != "reference":
         parts.append(f"order={reduction.token_order}")
     return " ".join(parts)
+
+
+def _cache_schedule(stages: Sequence[tp.Stage]) -> list[str]:
+    """`every=N`, `window=W`, `restore` of a cache stage where they differ from the defaults."""
+    parts: list[str] = []
+    for stage in stages:
+        for name in CACHE_ONLY_FIELDS:
+            value = getattr(stage, name)
+            if value != tp.Stage.model_fields[name].default:
+                parts.append(name if value is True else f"{name}={value}")
+    return parts
 
 
 def _positions(reduction: tp.ReductionConfig) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import tokenprune as tp
-from tokenprune.builtin.models import load_toy_llava
+from tokenprune.builtin.models import BuiltinModel, load_toy_llava, load_toy_video_llava
 from tokenprune.errors import ConfigError
 from tokenprune.testing.models import ToySize, toy_llava
 
@@ -52,7 +52,17 @@ class Loaded:
 
 def _toy_llava(attn_implementation: str) -> tuple[nn.Module, Any, str, int]:
     """`builtin:toy-llava`: the trained toy LLaVA shipped with the package, answering `builtin:toy-vqa`."""
-    builtin = load_toy_llava(attn_implementation)
+    return _parts(load_toy_llava(attn_implementation))
+
+
+def _toy_video_llava(attn_implementation: str) -> tuple[nn.Module, Any, str, int]:
+    """`builtin:toy-video-llava`: the trained toy Video-LLaVA shipped with the package, answering
+    `builtin:toy-video-vqa`."""
+    return _parts(load_toy_video_llava(attn_implementation))
+
+
+def _parts(builtin: BuiltinModel) -> tuple[nn.Module, Any, str, int]:
+    """A loaded built-in model as `BUILTIN_MODELS` returns it: model, processor, prompt, answer length."""
     return builtin.model, builtin.processor, builtin.prompt, builtin.max_new_tokens
 
 
@@ -77,6 +87,7 @@ def _tiny_llava(attn_implementation: str) -> tuple[nn.Module, Any, str, int]:
 BUILTIN_MODELS: dict[str, Callable[[str], tuple[nn.Module, Any, str, int]]] = {
     "builtin:toy-llava": _toy_llava,
     "builtin:tiny-llava": _tiny_llava,
+    "builtin:toy-video-llava": _toy_video_llava,
 }
 
 

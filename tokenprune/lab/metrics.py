@@ -193,31 +193,44 @@ def _concat(parts: list[Outputs]) -> Outputs:
 
 
 def survival_map(adapter: tp.Adapter, inputs: dict[str, Tensor], trace: list) -> dict[str, Any] | None:
-    """The first image (first frame) of the first sample as a grid: per cell, where its token ended.
+    """The first sample's first image (or video, frames side by side): per cell, where its token ended.
 
-    `state[row * W + col]`: -1 when pruned; else the grid index of the token it survives in (itself
-    when kept alone; a merge group's surviving token when the event has `groups`).
+    The first grid of the sample (a segment more than one cell wide or high: a video's class tokens
+    are a 1 x 1 grid each) as one strip `grid = [H, frames * W]`, frame t in columns t*W to t*W + W - 1.
+    `state[row * frames * W + t * W + col]`: -1 when pruned; else the strip index of the token it
+    survives in (itself when kept alone; a merge group's surviving token when the event has `groups`).
     """
     layout = adapter.visual_layout(inputs)
     if layout is None or not trace:
         return None
-    first = (layout.segment[0] == 0) & (layout.coords[0, :, 0] == 0)
-    positions = first.nonzero().flatten().tolist()
+    positions = (layout.segment[0] == _first_grid(layout)).nonzero().flatten().tolist()
     if not positions:
         return None
-    _, height, width = layout.extent[0, positions[0]].tolist()
+    frames, height, width = layout.extent[0, positions[0]].tolist()
     coords = layout.coords[0, positions].tolist()
-    cell_of = {p: row * width + col for p, (_, row, col) in zip(positions, coords, strict=True)}
+    cell_of = {
+        p: (row * frames + t) * width + col for p, (t, row, col) in zip(positions, coords, strict=True)
+    }
     event = trace[-1]
     if event.groups is not None:
         target = dict(zip(positions, event.groups[0, positions].tolist(), strict=True))
     else:
         kept = set(event.kept[0].tolist())
         target = {p: p if p in kept else -1 for p in positions}
-    state = [-1] * (height * width)
+    state = [-1] * (height * frames * width)
     for p, cell in cell_of.items():
         state[cell] = cell_of.get(target[p], -1)
-    return {"grid": [height, width], "state": state}
+    return {"grid": [height, frames * width], "state": state}
+
+
+def _first_grid(layout: tp.VisualLayout) -> int:
+    """The first segment of the first sample that is more than one cell per frame (else segment 0)."""
+    visual = layout.visual[0]
+    for segment in layout.segment[0][visual].unique().tolist():
+        at = (layout.segment[0] == segment).nonzero()[0, 0]
+        if layout.extent[0, at, 1:].prod() > 1:
+            return segment
+    return 0
 
 
 def accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:

@@ -18,9 +18,9 @@ from torch import nn
 import tokenprune as tp
 from tokenprune.config import read_mapping
 from tokenprune.errors import ConfigError, describe_errors
-from tokenprune.flops import trace_flops
+from tokenprune.flops import decode_flops, trace_flops
 from tokenprune.lab.loading import DType, load_model
-from tokenprune.lab.speed import PairedSpeed, flags, paired_generation
+from tokenprune.lab.speed import PairedSpeed, flags, generated_cache_bytes, paired_generation
 
 
 class RunConfig(BaseModel):
@@ -88,24 +88,36 @@ def synthetic_inputs(model: nn.Module, config: RunConfig) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def measure(model: nn.Module, config: RunConfig) -> dict[str, Any]:
-    """Tokens, FLOPs and paired prefill and decode ratios, reduced vs unreduced, on synthetic inputs."""
+    """Tokens, FLOPs, KV-cache bytes and paired prefill and decode ratios, reduced vs unreduced, on
+    synthetic inputs. The trace and the reduced cache come from one untimed generation (a `site: cache`
+    stage acts between its decode steps)."""
     inputs = synthetic_inputs(model, config)
-    with tp.attach(model, config.reduction) as handle:  # one untimed forward for the trace
-        model(**inputs)
+    new_tokens = config.max_new_tokens
+    kv_full = generated_cache_bytes(model, inputs, new_tokens)
+    with tp.attach(model, config.reduction) as handle:
+        kv_reduced = generated_cache_bytes(model, inputs, new_tokens)
         trace = handle.trace
-    speed = paired_generation(model, inputs, config.reduction, config.max_new_tokens, config.repeats)
+    speed = paired_generation(model, inputs, config.reduction, new_tokens, config.repeats)
     text_config = model.config.text_config
     n_tokens = inputs["input_ids"].shape[1]
+    full = [n_tokens] * config.batch_size
     return {
         "trace": trace,
         "tokens": n_tokens,
-        "flops": (
-            sum(trace_flops(text_config, [], [n_tokens] * config.batch_size)),
-            sum(trace_flops(text_config, trace, n_tokens)),
+        "flops": (sum(trace_flops(text_config, [], full)), sum(trace_flops(text_config, trace, full))),
+        "decode_flops": (
+            sum(decode_flops(text_config, [], full, new_tokens)),
+            sum(decode_flops(text_config, trace, full, new_tokens, _restores(config.reduction))),
         ),
+        "kv_bytes": (kv_full, kv_reduced),
         "speed": speed,
         "flags": flags(speed, config.max_new_tokens),
     }
+
+
+def _restores(reduction: tp.ReductionConfig) -> bool:
+    """Whether the config's `site: cache` stage sets entries aside (`restore`) rather than dropping them."""
+    return any(stage.site == "cache" and stage.restore for stage in reduction.stages)
 
 
 def _trace_line(event: tp.ReductionEvent) -> str:
@@ -114,8 +126,9 @@ def _trace_line(event: tp.ReductionEvent) -> str:
     A `site: vision` event counts one image's tokens at a tower layer; a language one a sample's.
     """
     unit = "image" if event.site == "vision" else "sample"
+    step = "" if event.step is None else f" before decode step {event.step}"
     return (
-        f"{event.site} layer {event.layer:<4} tokens {event.tokens_before[0]} -> "
+        f"{event.site} layer {event.layer:<4}{step} tokens {event.tokens_before[0]} -> "
         f"{event.tokens_after[0]} per {unit} (visual {event.visual_before[0]} -> {event.visual_after[0]})"
     )
 
@@ -145,6 +158,8 @@ def report(model: nn.Module, config: RunConfig, result: dict[str, Any]) -> str:
             "decode time (ms/token)", decode.baseline_s * 1e3, decode.variant_s * 1e3, decode.ratio, "{:.2f}"
         )
         + f"{decode.spread:>9.1%}",
+        _row("decode FLOPs (G)", *_scaled(result["decode_flops"], 1e9), "{:.3f}"),
+        _row("KV cache bytes (MiB)", *_scaled(result["kv_bytes"], 2**20), "{:.2f}"),
         "",
         f"FLOPs bound speed-up {flops_full / flops_reduced:.2f}x, measured prefill speed-up "
         f"{prefill.speedup:.2f}x (median of {prefill.repeats} paired, order-alternating rounds after one "
@@ -152,6 +167,12 @@ def report(model: nn.Module, config: RunConfig, result: dict[str, Any]) -> str:
         *(f"flag: {flag}" for flag in result["flags"]),
     ]
     return "\n".join(lines)
+
+
+def _scaled(pair: tuple[int, int], unit: float) -> tuple[float, float, float]:
+    """(unreduced, reduced) in `unit`s, and their ratio (reduced / unreduced)."""
+    full, reduced = pair
+    return full / unit, reduced / unit, reduced / full if full else float("nan")
 
 
 def _row(name: str, full: float, reduced: float, ratio: float, fmt: str) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import tokenprune as tp
+from tokenprune.core.language.forward import CACHE_KEYWORD
 from tokenprune.lab.loading import attached
 from tokenprune.lab.machine_lock import timing_alone
 from tokenprune.lab.timing import (
@@ -109,6 +110,7 @@ class Footprint:
     kv_cache_bytes: int  # per sample, after the prefill
     peak_memory_bytes: int | None  # CUDA only
     overhead_s: float | None  # seconds in the strategy's selection during one prefill; None: unreduced
+    kv_cache_bytes_decoded: int | None = None  # per sample, after the generation (`site: cache` stages act)
 
 
 @torch.no_grad()
@@ -126,16 +128,29 @@ def footprint(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         out = model(**inputs, use_cache=True)
-        kv_bytes = cache_bytes(out.cache) // inputs["input_ids"].shape[0]
+        kv_bytes = cache_bytes(getattr(out, CACHE_KEYWORD)) // inputs["input_ids"].shape[0]
         del out
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        decoded = generated_cache_bytes(model, inputs, new_tokens)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         overhead = None
         if handle is not None:
             with handle.time_selections(sync) as timer:  # its syncs would slow a timed run: apart
                 model(**inputs, use_cache=True)
             overhead = timer.seconds
-    return Footprint(kv_bytes, peak, overhead)
+    return Footprint(kv_bytes, peak, overhead, decoded)
+
+
+def generated_cache_bytes(model: nn.Module, inputs: dict[str, Tensor], new_tokens: int) -> int:
+    """KV-cache bytes per sample once a greedy generation of `new_tokens` is over (under whatever is
+    attached: `site: cache` stages shrink the cache between decode steps, not at the prefill)."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    return cache_bytes(getattr(out, CACHE_KEYWORD)) // inputs["input_ids"].shape[0]
 
 
 def cache_bytes(cache: Any) -> int:

@@ -284,6 +284,7 @@ class Column:
     header: str
     cell: Callable[[Line], str]
     legend: str
+    cache_only: bool = False  # shown only where a cell has a `site: cache` stage
 
 
 def _scaled(field: str, scale: float = 1.0, digits: str = ".3g") -> Callable[[Line], str]:
@@ -416,6 +417,12 @@ MARKDOWN_COLUMNS: tuple[Column, ...] = (
     Column("decode spread (%)", _scaled("decode_spread", 100, ".1f"), "as for prefill"),
     Column("KV cache KiB per sample", _scaled("kv_cache_bytes", 1 / 1024, ".4g"), "after the prefill"),
     Column(
+        "KV cache KiB per sample after decoding",
+        _scaled("kv_cache_bytes_decoded", 1 / 1024, ".4g"),
+        "after the timed generation: `site: cache` stages prune it between decode steps",
+        cache_only=True,
+    ),
+    Column(
         "overhead ms per prefill ({batch})",
         _scaled("overhead_s", 1e3),
         "the strategy's own selection time (scores, top-k) in one prefill",
@@ -428,19 +435,32 @@ def write_markdown(summary: Summary, path: Path) -> Path:
     """The table (one line per cell), the column legend, how it was measured, the cells that failed."""
     measured = [row for row in summary.rows if "error" not in row]
     batch = _timing_batch(measured)
-    headers = [column.header.format(batch=batch) for column in MARKDOWN_COLUMNS]
+    columns = markdown_columns(summary.rows)
+    headers = [column.header.format(batch=batch) for column in columns]
     lines = [
         "| " + " | ".join(headers) + " |",
         "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(headers))) + " |",
     ]
-    lines += ["| " + " | ".join(c.cell(line) for c in MARKDOWN_COLUMNS) + " |" for line in summary.lines]
+    lines += ["| " + " | ".join(c.cell(line) for c in columns) + " |" for line in summary.lines]
     lines += lmms_eval_table(summary.lines)
-    legend = [f"- **{h}**: {c.legend}" for h, c in zip(headers, MARKDOWN_COLUMNS, strict=True)]
+    legend = [f"- **{h}**: {c.legend}" for h, c in zip(headers, columns, strict=True)]
     failed = [f"- {row['label']}: {row['error']}" for row in summary.rows if "error" in row]
     failures = ["Failed cells (no measurement):", "", *failed, ""] if failed else []
     notes = [_footnote(measured), *_uncompared(summary.lines)]
     path.write_text("\n".join([*lines, "", LEGEND_TITLE, "", *legend, "", *notes, "", *failures]))
     return path
+
+
+def markdown_columns(rows: Sequence[Row]) -> list[Column]:
+    """The markdown table's columns: those of `site: cache` stages only where a cell has one."""
+    cached = any(has_cache_stage(row) for row in rows)
+    return [column for column in MARKDOWN_COLUMNS if cached or not column.cache_only]
+
+
+def has_cache_stage(row: Row) -> bool:
+    """Whether the row's cell has a `site: cache` stage (it prunes the KV cache while decoding)."""
+    reduction = row.get("cell", {}).get("reduction") or {}
+    return any(stage.get("site") == "cache" for stage in reduction.get("stages", []))
 
 
 def lmms_eval_table(lines: Sequence[Line]) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -193,15 +194,22 @@ def greedy(model, inputs: dict[str, Tensor], steps: int) -> tuple[Tensor, list[T
 
     End-of-sequence is not special (`eos_token_id=None`), as in the oracle's greedy loop.
     """
-    out = model.generate(
+    out = greedy_output(model, inputs, steps)
+    return out.sequences[:, -steps:], list(out.logits)
+
+
+def greedy_output(model, inputs: dict[str, Tensor], steps: int, **kwargs: Any) -> Any:
+    """`generate`'s dict output of a greedy run of `steps` tokens with each step's logits (end-of-sequence
+    not special); `kwargs` go to `generate` (a cache to continue, say)."""
+    return model.generate(
         **inputs,
         max_new_tokens=steps,
         eos_token_id=None,
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
+        **kwargs,
     )
-    return out.sequences[:, -steps:], list(out.logits)
 
 
 @torch.no_grad()

@@ -20,7 +20,10 @@ import torch
 from torch import Tensor, nn
 
 import tokenprune as tp
+from tokenprune.core.masks import has_local_rules
 from tokenprune.core.selection import ReductionEvent
+from tokenprune.testing.cache_oracle import assert_steps_match, cache_oracle_run
+from tokenprune.testing.cache_oracle import generate as cache_generate
 from tokenprune.testing.exactness import (
     forward,
     mask_oracle_greedy,
@@ -55,6 +58,17 @@ def language(strategy: str, layer: int = LAYER, ratio: float = 0.5) -> tp.Reduct
 def vision(strategy: str, ratio: float = 0.5) -> tp.ReductionConfig:
     """One stage of `strategy` after the first layer of the vision towers."""
     return tp.ReductionConfig(strategy=strategy, stages=[{"site": "vision", "layer": 0, "ratio": ratio}])
+
+
+def cache(strategy: str, layer: int = 1, ratio: float = 0.5) -> tp.ReductionConfig:
+    """One `site: cache` stage of `strategy`: layer K's cache pruned before every decode step (window 2)."""
+    stage = {"site": "cache", "layer": layer, "ratio": ratio, "every": 1, "window": 2}
+    return tp.ReductionConfig(strategy=strategy, stages=[stage])
+
+
+def at_site(strategy: str, site: str) -> tp.ReductionConfig:
+    """The suite's one-stage config of `strategy` at a kind of site ("language", "vision" or "cache")."""
+    return {"language": language, "vision": vision, "cache": cache}[site](strategy)
 
 
 def strategy_sites() -> list[tuple[str, str]]:
@@ -254,7 +268,30 @@ class AdapterConformance:
             greedy(model, inputs, STEPS)
         return seen
 
-    # -- detach -------------------------------------------------------------------------------------
+    # -- the KV-cache site ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def test_cache_site_equals_the_masked_decode(self, conformance_family, models, batch):
+        """A `site: cache` stage (random, `cache()`): every step's logits equal the unreduced decode with
+        the removed entries masked from layer 1 on, from their step on (<= 1e-4); a model whose caches
+        keep windows of their own refuses it."""
+        model = models["sdpa"]
+        if has_local_rules(model.config.get_text_config()):
+            with pytest.raises(tp.AttachError, match="site: cache"):
+                tp.attach(model, cache("random"), adapter=conformance_family.adapter)
+            return
+        self.assert_cache_oracle(conformance_family, model, batch, cache("random"))
+
+    @staticmethod
+    def assert_cache_oracle(family: Family, model: nn.Module, inputs: dict, config: tp.ReductionConfig):
+        """A selection before every decode step, and every step's logits equal the cache oracle's."""
+        with tp.attach(model, config, adapter=family.adapter) as handle:
+            _, logits, _ = cache_generate(model, inputs, STEPS)
+            trace = list(handle.trace)
+        assert [event.step for event in trace if event.site == "cache"] == list(range(1, STEPS))
+        _, expected, _ = cache_oracle_run(model, inputs, trace, family.adapter, steps=STEPS)
+        assert_steps_match(logits, expected)
+
 
     @torch.no_grad()
     def test_detach_leaves_nothing(self, conformance_family, models, batch):
@@ -281,14 +318,19 @@ class AdapterConformance:
         self, conformance_family, models, batch, strategy, site
     ):
         """It runs and its oracle holds (mask oracle for pruning, merge oracle for merging, the tower
-        mask oracle in a vision tower, the cache equal to recomputation), or attaching (or the first
+        mask oracle in a vision tower, the cache equal to recomputation; at a `site: cache` stage the
+        cache oracle, `assert_cache_oracle`), or attaching (or the first
         forward) refuses it with a TokenPruneError saying why."""
         model, family = models["sdpa"], conformance_family
-        config = language(strategy) if site == "language" else vision(strategy)
+        config = at_site(strategy, site)
         try:
             handle = tp.attach(model, config, adapter=family.adapter)
         except tp.TokenPruneError as refusal:
             assert len(str(refusal)) > 20, f"a refusal must say why: {refusal!r}"
+            return
+        if site == "cache":
+            handle.detach()
+            self.assert_cache_oracle(family, model, batch, config)
             return
         with handle:
             towers = handle.adapter.vision_towers() if site == "vision" else ()

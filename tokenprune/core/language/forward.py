@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tokenprune.contracts.layout import VisualLayout
 from tokenprune.core.selection import ReductionEvent
@@ -45,6 +46,15 @@ class Pass:
     events: list[ReductionEvent] = field(default_factory=list)
 
 
+# The keyword (and output field) of the KV cache: `cache` from transformers 5.23, `past_key_values` before.
+CACHE_KEYWORD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def cache_of(kwargs: dict[str, Any]) -> Any:
-    """The KV cache a forward received, under either of its keyword names."""
+    """The KV cache a forward received (or a model output holds), under either of its names."""
     return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def with_cache(cache: Any) -> dict[str, Any]:
+    """Keyword arguments passing `cache` to a forward or `generate`, under this transformers' name."""
+    return {CACHE_KEYWORD: cache}

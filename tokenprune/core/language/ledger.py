@@ -4,7 +4,8 @@ A prefill that reduces writes a `CacheRecord` on the cache object (per stage: it
 which key slots are real, the proportional-attention bias). The record travels with the cache:
 `copy.deepcopy(cache)` copies it, so a copy continues exactly as the original would. Each
 attachment has an owner number; a cache reduced under another attachment (one since detached)
-is refused, since its layers from K on hold fewer entries than a bare model expects.
+is refused, since its layers from K on hold fewer entries than a bare model expects. A `site: cache`
+stage keeps its own state on the record too (`CacheSiteState`) and rewrites the key slots it prunes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
+from tokenprune.contracts.layout import VisualLayout
+from tokenprune.contracts.probe import AttentionInputs
 from tokenprune.core.masks import LayerMasks, build_causal_mask, has_local_rules
 from tokenprune.errors import InputError
 
@@ -44,12 +47,29 @@ class CachedStage:
 
 
 @dataclass
+class CacheSiteState:
+    """What a `site: cache` stage carries between the forwards on one cache (`core.language.cache_site`)."""
+
+    layout: VisualLayout  # the prompt's visual layout, by original position
+    original: Tensor  # [B, N] bool: the prompt's real visual tokens, which budgets count from
+    forwards: int = 0  # forwards run on the cache since its prefill (the prefill is 0)
+    recent: AttentionInputs | None = None  # layer K's inputs of the newest `window` query tokens
+    pool: Tensor | None = None  # restore: [B, P] bool slots of layer K chosen among at every selection
+    bases: dict[int, Tensor] = field(default_factory=dict)  # restore: key_valid of each region before it
+
+
+@dataclass
 class CacheRecord:
-    """What later forwards on one KV cache need: per stage, its first layer and its key slots."""
+    """What later forwards on one KV cache need: per stage, its first layer and its key slots.
+
+    A `site: cache` stage adds a stage at its layer K (when no prefill stage starts there) and rewrites
+    the key slots of every stage from K on when entries leave; `cache_site` holds its state.
+    """
 
     owner: int  # the attachment that reduced the cache (an int: a deep copy keeps it)
     original_length: int  # prompt tokens before any reduction
     stages: list[CachedStage] = field(default_factory=list)
+    cache_site: CacheSiteState | None = None
 
 
 def record_of(cache: Any) -> CacheRecord | None:

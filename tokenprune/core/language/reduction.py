@@ -72,7 +72,7 @@ class ReductionStep:
             valid = index >= 0
             state.restore = scatter_tokens(state.restore.to(device), index, hidden, in_place=True)
             state.groups = state.groups.to(device)
-        state.layout = _layout_on(state.layout, device)
+        state.layout = layout_on(state.layout, device)
         view = self._view(state, stage, hidden, index, valid, sizes)
         if stage is HANDOFF:
             keep, into, sizes = self._handoff(state, view)
@@ -258,7 +258,7 @@ def _last_true(mask: Tensor) -> Tensor:
     return mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
 
 
-def _layout_on(layout: VisualLayout, device: torch.device) -> VisualLayout:
+def layout_on(layout: VisualLayout, device: torch.device) -> VisualLayout:
     """The layout with its tensors on `device` (itself when they are there already)."""
     if layout.visual.device == device:
         return layout

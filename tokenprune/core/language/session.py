@@ -6,7 +6,8 @@ just before the site: `signals`); at the site the reduction step (`reduction`) p
 gathers what the later layers need; every later layer gets those instead of the full-length ones;
 the last layer's hook restores the full length. The KV cache fills itself with the kept tokens only,
 and decode steps get masks sized for each layer's shorter cache (`ledger`). The state of one
-forward (`forward.Pass`) is dropped when the entry module returns.
+forward (`forward.Pass`) is dropped when the entry module returns. A `site: cache` stage
+(`cache_site`) acts at the entry of decode forwards instead, on the cache the prefill left.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from tokenprune.config import ReductionConfig, Stage
 from tokenprune.contracts.adapter import Adapter
 from tokenprune.contracts.reducer import PositionPolicy, Reducer
+from tokenprune.core.language.cache_site import CacheSite
 from tokenprune.core.language.forward import Pass, Shortened, cache_of
 from tokenprune.core.language.injections import follow_side_inputs
 from tokenprune.core.language.layer_kinds import layer_inputs
@@ -29,7 +31,7 @@ from tokenprune.core.language.lifecycle import Hooks
 from tokenprune.core.language.positions import continued, shift_of
 from tokenprune.core.language.reduction import HANDOFF, ReductionStep
 from tokenprune.core.language.signals import CaptureSlot, watch_site
-from tokenprune.core.masks import layer_types
+from tokenprune.core.masks import has_local_rules, layer_types
 from tokenprune.core.selection import ReductionEvent, check_strategy_site
 from tokenprune.core.vision_site import VisionSite
 from tokenprune.errors import AttachError, ConfigError, InputError
@@ -48,13 +50,21 @@ class Session:
         if self.stages:
             check_strategy_site(reducer, "language")
         self.visions = self._vision_sites([s for s in config.stages if s.site == "vision"])
-        self.first_layer = min(self.stages)
+        cache_stage = next((s for s in config.stages if s.site == "cache"), None)
+        if cache_stage is not None:
+            _check_cache_stage(adapter, reducer, cache_stage)
+        self.first_layer = min([*self.stages, *([] if cache_stage is None else [cache_stage.layer])])
         self.trace: list[ReductionEvent] = []
         self._pass: Pass | None = None
         self._hooks = Hooks()
         self._ledger = CacheLedger(self.first_layer)
         self.policies = self._position_policies([s for s in config.stages if s.site == "vision"])
         self._step = ReductionStep(adapter, config, reducer, self.visions, self._ledger, self.policies)
+        self.cache_site = None
+        if cache_stage is not None:
+            self.cache_site = CacheSite(adapter, config, reducer, cache_stage, self._ledger)
+        # layers whose cached keys a decode step masks anew: each stage's first (the cache stage's too)
+        self._continued = {*self.stages, *([] if cache_stage is None else [cache_stage.layer])}
         self._entry_params = _forward_parameters(adapter.entry_module())
 
     def _vision_sites(self, stages: list[Stage]) -> list[VisionSite]:
@@ -108,6 +118,8 @@ class Session:
         follow_side_inputs(self.adapter, lambda: self._pass, layers, hooks)  # after the restore above
         for site in self.visions:
             site.install(hooks)
+        if self.cache_site is not None:
+            self.cache_site.install(hooks, lambda: self._pass is not None)
 
     def remove(self) -> None:
         """Take every hook off and drop the state of a forward in progress."""
@@ -124,19 +136,46 @@ class Session:
         """A forward begins: refuse what cannot be reduced, find the visual tokens, start its state."""
         inputs = {**dict(zip(self._entry_params, args, strict=False)), **kwargs}
         _check_cache_kind(cache_of(inputs))
-        layout = self.adapter.visual_layout(inputs)
-        reference = inputs.get("input_ids")
-        reference = reference if reference is not None else inputs["inputs_embeds"]
         padding = inputs.get("attention_mask")
         if padding is not None and padding.ndim != 2:
             raise InputError("tokenprune needs a 2-D attention mask [batch, length] (or none), not a 4-D one")
+        trimmed = self._unseen_only(inputs, padding)
+        if trimmed is not None:
+            args, kwargs, inputs = (), trimmed, trimmed
+        layout = self.adapter.visual_layout(inputs)
+        reference = _fed(inputs)
         self._pass = Pass(layout=layout, padding_mask=padding)
+        if self.cache_site is not None and self._ledger.mode(cache_of(inputs)) == "cached":
+            event = self.cache_site.before_forward(cache_of(inputs), padding)
+            if event is not None:
+                self.trace.append(event)
         if layout is not None:
             for site in self.visions:
                 site.expect(inputs)
                 self._pass.vision_slots.append(site.tower.slots(self.adapter.input_ids(inputs)))
         continued = self._continued_positions(inputs, reference)
-        return None if continued is None else (args, {**kwargs, "position_ids": continued})
+        if continued is not None:
+            return args, {**kwargs, "position_ids": continued}
+        return None if trimmed is None else (args, kwargs)
+
+    def _unseen_only(self, inputs: dict[str, Any], padding: Tensor | None) -> dict[str, Any] | None:
+        """The inputs of a forward continuing a cache whose layer 0 was shortened, cut to the tokens the
+        cache has not seen (None: nothing to cut). `generate` counts the tokens a continued cache holds
+        by layer 0's length, so on a second turn it feeds again the tail of what is cached already; the
+        attention mask, which covers the whole conversation, says how many tokens are new."""
+        past = self._ledger.past_length(cache_of(inputs))
+        if past is None or padding is None:
+            return None
+        new, fed = padding.shape[1] - past, _fed(inputs).shape[1]
+        if not 0 < new < fed:
+            return None
+        cut = {}
+        for name in ("input_ids", "inputs_embeds", "position_ids"):
+            value = inputs.get(name)
+            if value is not None:
+                index = 1 if name != "position_ids" else value.ndim - 1
+                cut[name] = value.narrow(index, value.shape[index] - new, new)
+        return {**inputs, **cut}
 
     def _continued_positions(self, inputs: dict[str, Any], reference: Tensor) -> Tensor | None:
         """Position ids for a forward on a cache whose first layer was shortened (a layer-0 site).
@@ -158,6 +197,10 @@ class Session:
         self._pass = None
         if finished is not None and finished.mode == "prefill":
             self.trace = finished.vision_events + finished.events
+            if self.cache_site is not None:
+                self.cache_site.after_prefill(finished)
+        if finished is not None and self.cache_site is not None:
+            self.cache_site.after_forward(finished.cache)
 
     def _on_rotary(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Keep the position ids the model first asks its rotary module for in a forward (later calls are
@@ -181,11 +224,12 @@ class Session:
                 state.mode = self._ledger.mode(state.cache)
             if layer in self.stages and state.mode == "prefill":
                 hidden = self._step.reduce(state, self.stages[layer], hidden, kwargs)
-            elif layer in self.stages and state.mode == "cached":
+            elif layer in self._continued and state.mode == "cached":
                 mask = self._ledger.continuation_mask(
                     state.cache, layer, hidden, state.padding_mask, self.adapter.text_config()
                 )
-                state.current = Shortened(index=None, overrides={"attention_mask": mask})
+                before = {} if state.current is None or layer in self.stages else state.current.overrides
+                state.current = Shortened(index=None, overrides={**before, "attention_mask": mask})
                 shift = shift_of(state.cache, layer)
                 if shift is not None:  # decode positions continue from the renumbered prompt
                     tables = self._step.rotary_tables(hidden, continued(state.positions, shift))
@@ -215,6 +259,28 @@ class Session:
         device = output.device  # the buffer is this forward's own: written in place, not copied
         restore, index = state.restore.to(device), state.current.index.to(device)
         return scatter_tokens(restore, index, output, in_place=True)[:, : restore.shape[1] - 1]
+
+
+def _fed(inputs: dict[str, Any]) -> Tensor:
+    """The token ids (or embeddings) a forward runs."""
+    ids = inputs.get("input_ids")
+    return ids if ids is not None else inputs["inputs_embeds"]
+
+
+def _check_cache_stage(adapter: Adapter, reducer: Reducer, stage: Stage) -> None:
+    """Refuse a `site: cache` stage this strategy or model cannot run: a clear reason, before any forward."""
+    check_strategy_site(reducer, "cache")
+    n_layers = len(adapter.decoder_layers())
+    if stage.layer >= n_layers:
+        raise ConfigError(
+            f"`site: cache` stage at layer {stage.layer}: the model has {n_layers} decoder layers "
+            f"(0..{n_layers - 1})"
+        )
+    if has_local_rules(adapter.text_config()):
+        raise AttachError(
+            f"adapter {adapter.name!r}: `site: cache` stages are not available on a language model with "
+            "sliding-window layers or bidirectional image blocks (their caches keep their own windows)"
+        )
 
 
 def _check_cache_kind(cache: Any) -> None:

@@ -38,6 +38,7 @@ from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokenprune as tp
+from tokenprune.core.language.forward import cache_of, with_cache
 from tokenprune.errors import InputError
 from tokenprune.flops import trace_flops
 from tokenprune.integrations.lmms_eval import TASKS_DIR
@@ -211,7 +212,7 @@ class TokenPruneLMM(lmms):
                 rest = model(
                     input_ids=target[:, :-1],
                     attention_mask=mask[:, :-1],
-                    cache=prefill.cache,
+                    **with_cache(cache_of(prefill)),
                     use_cache=True,
                 )
                 logits = torch.cat([logits, rest.logits], dim=1)

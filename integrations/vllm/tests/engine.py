@@ -1,0 +1,98 @@
+"""vLLM greedy generation in a process of its own: the plug-in reads its config once per process.
+
+`python engine.py JOB OUT` runs the JSON job (model folder, groups of requests, tokens to generate) in one
+`LLM`, each group in one `generate` call, and writes each request's generated token ids to OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# one process for the front-end, engine core and worker: each extra process re-imports vLLM (~30 s here)
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+IMAGE_SIDE = 24  # the toy checkpoints' CLIP input side (6 x 6 patches of 4 pixels)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt: token ids with one image placeholder per image, and the seeds of its images."""
+
+    prompt: list[int]
+    images: list[int]
+
+
+def image(seed: int) -> Image.Image:
+    """A seeded random RGB image at the toy tower's input size."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def run_engine(
+    model: Path, groups: list[list[Request]], max_tokens: int, config: Path | None, folder: Path
+) -> subprocess.CompletedProcess:
+    """Run the job in a fresh Python process with `TOKENPRUNE_VLLM_CONFIG` = `config` (unset for None)."""
+    job, out = folder / "job.json", folder / "out.json"
+    payload = {
+        "model": str(model),
+        "max_tokens": max_tokens,
+        "groups": [[asdict(r) for r in g] for g in groups],
+    }
+    job.write_text(json.dumps(payload))
+    env = {key: value for key, value in os.environ.items() if key != "TOKENPRUNE_VLLM_CONFIG"}
+    env.update(ENGINE_ENV)
+    if config is not None:
+        env["TOKENPRUNE_VLLM_CONFIG"] = str(config)
+    return subprocess.run(
+        [sys.executable, __file__, str(job), str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def generated(model: Path, groups: list[list[Request]], max_tokens: int, config: Path | None, folder: Path):
+    """Generated token ids per group and request; the engine's output on failure."""
+    done = run_engine(model, groups, max_tokens, config, folder)
+    if done.returncode != 0:
+        raise AssertionError(f"vLLM failed:\n{done.stderr[-6000:]}")
+    return json.loads((folder / "out.json").read_text())
+
+
+def main(job_path: str, out_path: str) -> None:
+    """Generate greedily for every group of the job and write the token ids."""
+    from vllm import LLM, SamplingParams
+
+    job = json.loads(Path(job_path).read_text())
+    llm = LLM(
+        model=job["model"],
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        seed=0,
+        distributed_executor_backend="uni",
+    )
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    text_tokens = [token for token in range(vocab) if token != 3]  # never the image placeholder, as HF
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], allowed_token_ids=text_tokens)
+    results = []
+    for group in job["groups"]:
+        prompts = [
+            {"prompt_token_ids": r["prompt"], "multi_modal_data": {"image": [image(s) for s in r["images"]]}}
+            for r in group
+        ]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([list(output.outputs[0].token_ids) for output in outputs])
+    Path(out_path).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,132 @@
+"""vLLM + tokenprune-vllm == transformers + `tp.attach` on a tiny Qwen2-VL (fp32, greedy, renumbered M-RoPE);
+Qwen2.5-VL and Qwen3-VL under a reduction are refused at engine start, saying why."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from engine import Request, generated, image
+from tokenprune_vllm.checkpoints import VLLM_TOY_SIZE, word_tokenizer
+from tokenprune_vllm.qwen_vl import RefusedQwen2_5_VL, RefusedQwen3VL
+from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+import tokenprune as tp
+from tokenprune.errors import ConfigError
+from tokenprune.testing.models import (
+    IMAGE_TOKEN_ID,
+    VIDEO_TOKEN_ID,
+    VISION_END_TOKEN_ID,
+    VISION_START_TOKEN_ID,
+    toy_qwen2_vl,
+)
+
+MAX_TOKENS = 8
+ROPE_THETA = 4.0
+IMAGE = [VISION_START_TOKEN_ID, IMAGE_TOKEN_ID, VISION_END_TOKEN_ID]
+SINGLE = [Request([1, 17, *IMAGE, 40, 41, 42], [0])]
+BATCH = [  # different images, prompts and lengths, the image at different places
+    Request([1, 17, *IMAGE, 40, 41, 42], [1]),
+    Request([1, *IMAGE, 90, 91], [2]),
+    Request([1, 20, 21, 22, 23, *IMAGE, 55, 56, 57, 58, 59], [3]),
+]
+# the strategies run here (an engine start each, ~100 s): a feature-only choice, a grid merge, a seeded one
+SERVED = {
+    "divprune": {"keep": 9},
+    "pool": {"keep": 9},
+    "random": {"ratio": 0.5, "params": {"seed": 3}},
+}
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory: pytest.TempPathFactory):
+    """A seeded tiny Qwen2-VL with its processor, in the layout vLLM reads; and the HF model."""
+    folder = tmp_path_factory.mktemp("qwen2-vl")
+    model = with_fast_rope(toy_qwen2_vl(VLLM_TOY_SIZE)).eval()
+    model.save_pretrained(folder)
+    Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=VLLM_TOY_SIZE.patch),
+        video_processor=Qwen2VLVideoProcessor(patch_size=VLLM_TOY_SIZE.patch),
+        tokenizer=word_tokenizer(VLLM_TOY_SIZE.vocab, {"video_token": f"w{VIDEO_TOKEN_ID}"}),
+    ).save_pretrained(folder)
+    return folder, model
+
+
+def with_fast_rope(model):
+    """The model with a small RoPE base: a few positions apart change the greedy tokens, so the parity
+    tests check the M-RoPE ids too (at the default base these tiny models ignore small shifts)."""
+    config = model.config
+    config.text_config.rope_parameters["rope_theta"] = ROPE_THETA
+    fast = type(model)(config)
+    fast.load_state_dict(model.state_dict())
+    return fast
+
+
+def reduction(strategy: str, budget: dict[str, Any]) -> dict[str, Any]:
+    """A one-stage layer-0 config (tokenprune numbers the shortened prompt: `renumbered`)."""
+    stage = {"layer": 0, **{k: v for k, v in budget.items() if k in ("keep", "ratio")}}
+    return {
+        "strategy": strategy,
+        "stages": [stage],
+        "positions": "renumbered",
+        "params": budget.get("params", {}),
+    }
+
+
+def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | None) -> list[int]:
+    """transformers' greedy continuation of `request`, under `tp.attach(config)` unless None."""
+    pixels = Qwen2VLImageProcessor.from_pretrained(folder)(
+        [image(s) for s in request.images], return_tensors="pt"
+    )
+    counts = iter((pixels.image_grid_thw.prod(-1) // 4).tolist())
+    ids = [
+        t
+        for token in request.prompt
+        for t in ([token] * next(counts) if token == IMAGE_TOKEN_ID else [token])
+    ]
+    input_ids = torch.tensor([ids])
+    attached = nullcontext() if config is None else tp.attach(model, tp.ReductionConfig(**config))
+    with attached, torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            mm_token_type_ids=(input_ids == IMAGE_TOKEN_ID).long(),  # 1: image
+            pixel_values=pixels.pixel_values,
+            image_grid_thw=pixels.image_grid_thw,
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+        )
+    return out[0, input_ids.shape[1] :].tolist()
+
+
+def assert_vllm_equals_hf(qwen2_vl, tmp_path: Path, config: dict[str, Any] | None) -> None:
+    """Single requests and a batch of different ones: vLLM's tokens == HF's, request by request."""
+    folder, model = qwen2_vl
+    path = None
+    if config is not None:
+        path = tmp_path / "reduction.yaml"
+        path.write_text(yaml.safe_dump(config))
+    got = generated(folder, [SINGLE, BATCH], MAX_TOKENS, path, tmp_path)
+    expected = [[hf_greedy(model, folder, request, config) for request in group] for group in (SINGLE, BATCH)]
+    assert got == expected
+
+
+def test_unreduced_vllm_equals_unreduced_hf(qwen2_vl, tmp_path: Path) -> None:
+    assert_vllm_equals_hf(qwen2_vl, tmp_path, None)
+
+
+@pytest.mark.parametrize("strategy", sorted(SERVED))
+def test_reduced_vllm_equals_hf_attach(qwen2_vl, tmp_path: Path, strategy: str) -> None:
+    assert_vllm_equals_hf(qwen2_vl, tmp_path, reduction(strategy, SERVED[strategy]))
+
+
+@pytest.mark.parametrize(
+    ("refused", "family"), [(RefusedQwen2_5_VL, "Qwen2.5-VL"), (RefusedQwen3VL, "Qwen3-VL")]
+)
+def test_other_qwen_classes_refuse_naming_their_family(refused: type, family: str) -> None:
+    with pytest.raises(ConfigError, match=f"does not serve {family} with a reduction.*docs/serving.md"):
+        refused(vllm_config=None, prefix="")

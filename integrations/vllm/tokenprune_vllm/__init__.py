@@ -1,0 +1,1 @@
+"""tokenprune's vLLM plug-in: pre-LLM visual-token reductions served by vLLM."""
