@@ -10,10 +10,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 
 # one process for the front-end, engine core and worker: each extra process re-imports vLLM (~30 s here)
@@ -65,6 +68,27 @@ def generated(model: Path, groups: list[list[Request]], max_tokens: int, config:
     if done.returncode != 0:
         raise AssertionError(f"vLLM failed:\n{done.stderr[-6000:]}")
     return json.loads((folder / "out.json").read_text())
+
+
+def written(folder: Path, config: dict[str, Any]) -> Path:
+    """`config` saved as the YAML file `TOKENPRUNE_VLLM_CONFIG` names."""
+    path = folder / "reduction.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def assert_vllm_equals_hf(
+    model: Path,
+    groups: list[list[Request]],
+    max_tokens: int,
+    config: dict[str, Any] | None,
+    folder: Path,
+    hf_greedy: Callable[[Request], list[int]],
+) -> None:
+    """vLLM's tokens under `config` (None: unreduced) == `hf_greedy`'s, request by request, group by group."""
+    path = None if config is None else written(folder, config)
+    got = generated(model, groups, max_tokens, path, folder)
+    assert got == [[hf_greedy(request) for request in group] for group in groups]
 
 
 def main(job_path: str, out_path: str) -> None:

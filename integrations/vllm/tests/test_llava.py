@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
-from engine import Request, generated, image, run_engine
+from engine import Request, image, run_engine, written
+from engine import assert_vllm_equals_hf as parity
 from pydantic import ValidationError
 from tokenprune_vllm.reduction import CONFIG_ENV, checked_reduction, load_reduction
 from transformers import CLIPImageProcessor
@@ -60,13 +61,6 @@ def reduction(strategy: str, site: str, budget: dict[str, Any]) -> dict[str, Any
     }
 
 
-def written(folder: Path, config: dict[str, Any]) -> Path:
-    """`config` saved as the YAML file `TOKENPRUNE_VLLM_CONFIG` names."""
-    path = folder / "reduction.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | None) -> list[int]:
     """transformers' greedy continuation of `request`, under `tp.attach(config)` unless None."""
     pixels = CLIPImageProcessor.from_pretrained(folder)(
@@ -94,10 +88,8 @@ def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | No
 def assert_vllm_equals_hf(llava, tmp_path: Path, config: dict[str, Any] | None) -> None:
     """Single requests and a batch of different ones: vLLM's tokens == HF's, request by request."""
     folder, model = llava
-    path = None if config is None else written(tmp_path, config)
-    got = generated(folder, [SINGLE, BATCH], MAX_TOKENS, path, tmp_path)
-    expected = [[hf_greedy(model, folder, request, config) for request in group] for group in (SINGLE, BATCH)]
-    assert got == expected
+    greedy = partial(hf_greedy, model, folder, config=config)
+    parity(folder, [SINGLE, BATCH], MAX_TOKENS, config, tmp_path, greedy)
 
 
 def test_unreduced_vllm_equals_unreduced_hf(llava, tmp_path: Path) -> None:

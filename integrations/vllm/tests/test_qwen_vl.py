@@ -4,13 +4,14 @@ Qwen2.5-VL and Qwen3-VL under a reduction are refused at engine start, saying wh
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
-from engine import Request, generated, image
+from engine import Request, image
+from engine import assert_vllm_equals_hf as parity
 from tokenprune_vllm.checkpoints import VLLM_TOY_SIZE, word_tokenizer
 from tokenprune_vllm.qwen_vl import RefusedQwen2_5_VL, RefusedQwen3VL
 from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -106,13 +107,8 @@ def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | No
 def assert_vllm_equals_hf(qwen2_vl, tmp_path: Path, config: dict[str, Any] | None) -> None:
     """Single requests and a batch of different ones: vLLM's tokens == HF's, request by request."""
     folder, model = qwen2_vl
-    path = None
-    if config is not None:
-        path = tmp_path / "reduction.yaml"
-        path.write_text(yaml.safe_dump(config))
-    got = generated(folder, [SINGLE, BATCH], MAX_TOKENS, path, tmp_path)
-    expected = [[hf_greedy(model, folder, request, config) for request in group] for group in (SINGLE, BATCH)]
-    assert got == expected
+    greedy = partial(hf_greedy, model, folder, config=config)
+    parity(folder, [SINGLE, BATCH], MAX_TOKENS, config, tmp_path, greedy)
 
 
 def test_unreduced_vllm_equals_unreduced_hf(qwen2_vl, tmp_path: Path) -> None:
