@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from engine import Request, image, run_engine, written
 from engine import assert_vllm_equals_hf as parity
+from hf import expanded, greedy_continuation
 from pydantic import ValidationError
 from tokenprune_vllm.reduction import CONFIG_ENV, checked_reduction, load_reduction
 from transformers import CLIPImageProcessor
@@ -67,22 +66,8 @@ def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | No
         [image(s) for s in request.images], return_tensors="pt"
     )
     per_image = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    ids = [
-        t
-        for token in request.prompt
-        for t in ([token] * per_image**2 if token == IMAGE_TOKEN_ID else [token])
-    ]
-    input_ids = torch.tensor([ids])
-    attached = nullcontext() if config is None else tp.attach(model, tp.ReductionConfig(**config))
-    with attached, torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            pixel_values=pixels.pixel_values,
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-        )
-    return out[0, input_ids.shape[1] :].tolist()
+    input_ids = expanded(request.prompt, [per_image**2] * len(request.images))
+    return greedy_continuation(model, input_ids, config, MAX_TOKENS, pixel_values=pixels.pixel_values)
 
 
 def assert_vllm_equals_hf(llava, tmp_path: Path, config: dict[str, Any] | None) -> None:

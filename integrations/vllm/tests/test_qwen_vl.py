@@ -3,20 +3,18 @@ Qwen2.5-VL and Qwen3-VL under a reduction are refused at engine start, saying wh
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from engine import Request, image
 from engine import assert_vllm_equals_hf as parity
+from hf import expanded, greedy_continuation
 from tokenprune_vllm.checkpoints import VLLM_TOY_SIZE, word_tokenizer
 from tokenprune_vllm.qwen_vl import RefusedQwen2_5_VL, RefusedQwen3VL
 from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-import tokenprune as tp
 from tokenprune.errors import ConfigError
 from tokenprune.testing.models import (
     IMAGE_TOKEN_ID,
@@ -83,25 +81,16 @@ def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | No
     pixels = Qwen2VLImageProcessor.from_pretrained(folder)(
         [image(s) for s in request.images], return_tensors="pt"
     )
-    counts = iter((pixels.image_grid_thw.prod(-1) // 4).tolist())
-    ids = [
-        t
-        for token in request.prompt
-        for t in ([token] * next(counts) if token == IMAGE_TOKEN_ID else [token])
-    ]
-    input_ids = torch.tensor([ids])
-    attached = nullcontext() if config is None else tp.attach(model, tp.ReductionConfig(**config))
-    with attached, torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            mm_token_type_ids=(input_ids == IMAGE_TOKEN_ID).long(),  # 1: image
-            pixel_values=pixels.pixel_values,
-            image_grid_thw=pixels.image_grid_thw,
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-        )
-    return out[0, input_ids.shape[1] :].tolist()
+    input_ids = expanded(request.prompt, (pixels.image_grid_thw.prod(-1) // 4).tolist())
+    return greedy_continuation(
+        model,
+        input_ids,
+        config,
+        MAX_TOKENS,
+        mm_token_type_ids=(input_ids == IMAGE_TOKEN_ID).long(),  # 1: image
+        pixel_values=pixels.pixel_values,
+        image_grid_thw=pixels.image_grid_thw,
+    )
 
 
 def assert_vllm_equals_hf(qwen2_vl, tmp_path: Path, config: dict[str, Any] | None) -> None:
