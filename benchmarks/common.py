@@ -73,6 +73,17 @@ def machine() -> str:
     )
 
 
+def quiet_run(args: argparse.Namespace) -> None:
+    """Use `args.threads` torch threads and silence transformers' warnings: the table is the output."""
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+
+
+def paired_description(args: argparse.Namespace) -> str:
+    """How every ratio of a run is measured (`compare`)."""
+    return f"paired ratios: median of {args.repeats} order-alternating repeats after {args.warmup} warm-up"
+
+
 def load() -> str:
     """The 1-minute load average: above the core count, other work is skewing the timings."""
     return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"

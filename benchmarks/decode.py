@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
 from tokenprune.lab.loading import DTYPES
@@ -46,6 +45,8 @@ from common import (
     llava_prompt,
     load,
     machine,
+    paired_description,
+    quiet_run,
     timed_attachment,
     timing_arguments,
 )
@@ -189,12 +190,11 @@ def report_batch(model: nn.Module, inputs: dict[str, Any], args: argparse.Namesp
 def main() -> None:
     """Every shape at every batch size."""
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    quiet_run(args)
     print(machine())
     print(
-        f"decode: mean per step over {args.steps} greedy steps after an untimed prefill; paired ratios: "
-        f"median of {args.repeats} order-alternating repeats after {args.warmup} warm-up\n"
+        f"decode: mean per step over {args.steps} greedy steps after an untimed prefill; "
+        f"{paired_description(args)}\n"
     )
     for shape in args.shapes:
         report_shape(shape, args)

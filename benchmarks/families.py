@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
 from tokenprune.testing.models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, ToySize, toy_qwen2_vl, toy_video_llava
@@ -44,7 +43,9 @@ from common import (
     kept_tokens,
     load,
     machine,
+    paired_description,
     prefill_logits,
+    quiet_run,
     timing_arguments,
     tokenprune_run,
 )
@@ -150,10 +151,9 @@ def report_ratio(
 def main() -> None:
     """Each family: the noise floor, then every ratio."""
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    quiet_run(args)
     print(machine())
-    print(f"paired ratios: median of {args.repeats} order-alternating repeats after {args.warmup} warm-up")
+    print(paired_description(args))
     for family in list(FAMILIES) if args.family == "all" else [args.family]:
         model, inputs = FAMILIES[family](args)
         n = inputs["input_ids"].shape[1]

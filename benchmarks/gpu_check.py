@@ -50,7 +50,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
-from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
 from tokenprune.builtin.models import builtin_dataset, encode, load_toy_llava
@@ -86,6 +85,7 @@ from common import (
     llava_prompt,
     machine,
     prefill_logits,
+    quiet_run,
     timing_arguments,
     tokenprune_run,
 )
@@ -560,8 +560,7 @@ def markdown(rows: list[Row], header: list[str]) -> str:
 def main() -> int:
     """Run the four sections, print and write the table; exit status 1 when a check failed."""
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    quiet_run(args)
     header = [
         "# GPU check" + (" (--smoke: tiny sizes, timings mean nothing)" if args.smoke else ""),
         "",

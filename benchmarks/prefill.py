@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
 
@@ -54,7 +53,9 @@ from common import (
     llava_prompt,
     load,
     machine,
+    paired_description,
     prefill_logits,
+    quiet_run,
     timed_attachment,
     timing_arguments,
     tokenprune_run,
@@ -202,11 +203,10 @@ SECTION_REPORTS = {"prefill": report_prefill, "breakdown": report_breakdown, "ca
 def main() -> None:
     """Build the model once, then run each section at each batch size."""
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    quiet_run(args)
     model = llava_model(args)
     print(f"{machine()}\n{llava_description(args)}; FastV K={args.layer}")
-    print(f"paired ratios: median of {args.repeats} order-alternating repeats after {args.warmup} warm-up\n")
+    print(f"{paired_description(args)}\n")
     for batch in args.batches:
         inputs = llava_prompt(model, args, batch)
         padded = ", left-padded" if batch > 1 else ""

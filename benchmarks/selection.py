@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
 from tokenprune.lab.loading import DTYPES
@@ -67,7 +66,9 @@ from common import (
     llava_size,
     load,
     machine,
+    paired_description,
     prefill_logits,
+    quiet_run,
     timing_arguments,
 )
 
@@ -270,8 +271,7 @@ def true_shape(args: argparse.Namespace, names: list[str]) -> None:
 def main() -> None:
     """Build the model once, then measure every strategy against the unreduced prefill."""
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    quiet_run(args)
     names = args.strategies or tp.list_strategies()
     tower = f"vision tower {VISION_LAYERS} layers, width {args.vision_hidden}"
     print(f"{machine()}\n{llava_description(args)}; {tower}; batch {args.batch}, keep {args.keep}")
@@ -283,8 +283,7 @@ def main() -> None:
     inputs = with_pixels(llava_prompt(model, args, args.batch), args, model.device)
     print(
         f"batch {args.batch} (left-padded), keep {args.keep} visual tokens per image, "
-        f"signals at K={args.layer}; paired ratios: median of {args.repeats} order-alternating repeats "
-        f"after {args.warmup} warm-up\n"
+        f"signals at K={args.layer}; {paired_description(args)}\n"
     )
 
     def unreduced() -> float:

@@ -37,9 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 import tokenprune as tp
 from tokenprune.lab.timing import synchronizer
@@ -53,7 +51,9 @@ from common import (
     flops_bound,
     load,
     machine,
+    paired_description,
     prefill_logits,
+    quiet_run,
     timing_arguments,
     tokenprune_run,
 )
@@ -198,13 +198,9 @@ def report_frames(frames: int, args: argparse.Namespace) -> None:
 def main() -> None:
     """Every frame count: the noise floor, then every method."""
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    quiet_run(args)
     print(machine())
-    print(
-        f"paired ratios: median of {args.repeats} order-alternating repeats after {args.warmup} warm-up; "
-        f"decode: mean per step over {args.steps} greedy steps"
-    )
+    print(f"{paired_description(args)}; decode: mean per step over {args.steps} greedy steps")
     for frames in args.frames:
         report_frames(frames, args)
     print(f"\nend: {load()}")

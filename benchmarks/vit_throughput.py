@@ -35,7 +35,17 @@ from torch import Tensor, nn
 import tokenprune as tp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROW_HEADER, apply_smoke, compare, elapsed, load, machine, timing_arguments
+from common import (
+    ROW_HEADER,
+    apply_smoke,
+    compare,
+    elapsed,
+    load,
+    machine,
+    paired_description,
+    quiet_run,
+    timing_arguments,
+)
 
 SCHEDULES: dict[str, dict[str, Any]] = {
     "r=8": {"r": 8},
@@ -163,7 +173,7 @@ def report_schedule(
 def main() -> None:
     """Build the model and images once, then every schedule."""
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    quiet_run(args)
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, **args.vit).eval()
     size = model.patch_embed.img_size
@@ -172,8 +182,8 @@ def main() -> None:
     print(machine())
     print(
         f"timm {timm.__version__} vit_base_patch16_224 {args.vit or ''}, "
-        f"batch {args.batch}; paired ratios: median of {args.repeats} order-alternating repeats after "
-        f"{args.warmup} warm-up; reference: {args.reference or 'not given (--reference DIR)'}\n"
+        f"batch {args.batch}; {paired_description(args)}; "
+        f"reference: {args.reference or 'not given (--reference DIR)'}\n"
     )
     for name in args.schedules:
         report_schedule(model, images, name, args, patch)

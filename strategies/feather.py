@@ -125,4 +125,6 @@ class Feather(Reducer):
         """The view with a per-frame budget of grid cells: what the uniform reducer lays out."""
         frames = dense_groups(view.segment if view.frame is None else view.frame, view.candidates)
         cells = grid_quota(frames, view.extent, self.params.stride)
-        return dataclasses.replace(view, frame=frames, budget=cells.sum(dim=1), frame_budget=cells)
+        return dataclasses.replace(  # new frames and budgets: the core's bounds no longer hold
+            view, frame=frames, budget=cells.sum(dim=1), frame_budget=cells, frame_size=None, max_budget=None
+        )

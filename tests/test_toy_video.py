@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,12 +33,15 @@ from tokenprune.builtin.toyvideo import (
     generate_samples,
 )
 from tokenprune.lab.batches import make_batches
+from tokenprune.lab.config import load_ablation_config
 from tokenprune.lab.datasets import contents_digest, load_samples
+from tokenprune.lab.grid import expand_grid
 from tokenprune.lab.loading import load_model
 from tokenprune.lab.results import read_rows
 from tokenprune.lab.runner import run_ablation
 from tokenprune.testing.suite import language, strategy_sites, vision
 
+ROOT = Path(__file__).parents[1]
 HELDOUT_SLICE = 64
 ACCURACY_FLOOR = 0.7  # docs/toy-video-model.md: 77 % held out, the blind guesser 38 %
 FRAME_TOKENS = 1 + GRID * GRID  # the class token, then the patch grid
@@ -179,3 +183,21 @@ def test_ablate_runs_the_builtin_video_names(tmp_path):
     assert baseline["samples"] == 8 and baseline["accuracy_exact"] >= 0.5
     assert baseline["visual_tokens_before"] == FRAMES * FRAME_TOKENS
     assert fastv["visual_tokens_after"] == FRAMES * FRAME_TOKENS // 2
+
+
+@pytest.mark.parametrize(("strategy", "layer", "share"), [("prunevid", 1, 0.4), ("holitom", 3, 0.5)])
+def test_the_video_grid_runs_prunevid_and_holitom_alone_and_as_published(strategy, layer, share):
+    """configs/paper-grid-video.yaml: each at the grid's three budgets, its first stage alone and followed
+    by its paper's in-LLM stage (the paper's share of the first stage's tokens, original positions),
+    the two-stage cells labelled by both layers and budgets."""
+    cells = expand_grid(load_ablation_config(ROOT / "configs" / "paper-grid-video.yaml"), "data")
+    ours = [cell for cell in cells if cell.reduction is not None and cell.reduction.strategy == strategy]
+    alone = {cell.reduction.stages[0].keep: cell.label for cell in ours if len(cell.reduction.stages) == 1}
+    published = {cell.reduction.stages[0].keep: cell for cell in ours if len(cell.reduction.stages) == 2}
+    assert sorted(alone) == sorted(published) == [24, 40, 72]
+    for keep, cell in published.items():
+        second = cell.reduction.stages[1]
+        assert (second.site, second.layer, second.keep) == ("language", layer, round(share * keep))
+        assert cell.reduction.position_policy(second) == "original"
+        assert cell.label.startswith(f"{strategy} K=0,{layer} keep={keep},{second.keep} ")
+        assert cell.label != alone[keep]

@@ -69,6 +69,8 @@ def video_view(
         frame=torch.where(candidates, coords[..., 0], -1),
         frame_budget=None if frame_budget is None else torch.tensor(frame_budget),
         site=site,
+        frame_size=max(v.shape[1:3].numel() for v in videos),  # the bounds the core's views carry
+        max_budget=max(budget),
     )
 
 

@@ -96,6 +96,10 @@ class TokenView:
     - kind      [B, L] long or None  a candidate's segment kind, an index into `SEGMENT_KINDS`
                 ("grid"; "thumbnail": InternVL's whole-image tile; "base": LLaVA-NeXT's low-resolution
                 grid), -1 otherwise; read it through `of_kind(name)` (None: every segment a "grid")
+    - frame_size int or None  at least the candidates of any one frame of the batch, and max_budget at
+                least every entry of `budget`: Python ints (the core counts both on the host with the
+                budgets), so a strategy sizes per-frame or per-kept-token tables without reading the view
+                back to the host (FastVID's frame blocks); None: not known (a view built by hand), read as L
     """
 
     hidden: Tensor
@@ -113,6 +117,8 @@ class TokenView:
     sizes: Tensor | None = None
     site: Site = "language"
     kind: Tensor | None = None
+    frame_size: int | None = None
+    max_budget: int | None = None
     _features: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def features(self) -> Tensor:

@@ -26,20 +26,29 @@ ENGINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 IMAGE_SIDE = 24  # the toy checkpoints' CLIP input side (6 x 6 patches of 4 pixels)
+VIDEO_FRAMES = 4  # the toy videos' frames: two temporal patches of Qwen2-VL's `temporal_patch_size` 2
 
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt: token ids with one image placeholder per image, and the seeds of its images."""
+    """One prompt: token ids with one placeholder per image and per video, and the seeds of its images
+    and videos."""
 
     prompt: list[int]
     images: list[int]
+    videos: tuple[int, ...] = ()
 
 
 def image(seed: int) -> Image.Image:
     """A seeded random RGB image at the toy tower's input size."""
     pixels = np.random.default_rng(seed).integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def video(seed: int) -> np.ndarray:
+    """A seeded random RGB video [frames, side, side, 3] at the toy tower's input size."""
+    shape = (VIDEO_FRAMES, IMAGE_SIDE, IMAGE_SIDE, 3)
+    return np.random.default_rng(10_000 + seed).integers(0, 256, shape, dtype=np.uint8)
 
 
 def run_engine(
@@ -93,6 +102,7 @@ def assert_vllm_equals_hf(
 
 def main(job_path: str, out_path: str) -> None:
     """Generate greedily for every group of the job and write the token ids."""
+    from transformers import GenerationConfig
     from vllm import LLM, SamplingParams
 
     job = json.loads(Path(job_path).read_text())
@@ -105,17 +115,23 @@ def main(job_path: str, out_path: str) -> None:
         distributed_executor_backend="uni",
     )
     vocab = llm.llm_engine.model_config.get_vocab_size()
-    text_tokens = [token for token in range(vocab) if token != 3]  # never the image placeholder, as HF
+    suppressed = set(GenerationConfig.from_pretrained(job["model"]).suppress_tokens or ())
+    text_tokens = [token for token in range(vocab) if token not in suppressed]  # never a placeholder, as HF
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], allowed_token_ids=text_tokens)
     results = []
     for group in job["groups"]:
-        prompts = [
-            {"prompt_token_ids": r["prompt"], "multi_modal_data": {"image": [image(s) for s in r["images"]]}}
-            for r in group
-        ]
+        prompts = [{"prompt_token_ids": r["prompt"], "multi_modal_data": media(r)} for r in group]
         outputs = llm.generate(prompts, params, use_tqdm=False)
         results.append([list(output.outputs[0].token_ids) for output in outputs])
     Path(out_path).write_text(json.dumps(results))
+
+
+def media(request: dict[str, Any]) -> dict[str, list]:
+    """A request's `multi_modal_data`: its images, and its videos when it has any."""
+    data: dict[str, list] = {"image": [image(s) for s in request["images"]]}
+    if request["videos"]:
+        data["video"] = [video(s) for s in request["videos"]]
+    return data
 
 
 if __name__ == "__main__":

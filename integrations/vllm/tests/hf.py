@@ -13,10 +13,11 @@ import tokenprune as tp
 from tokenprune.testing.models import IMAGE_TOKEN_ID
 
 
-def expanded(prompt: Iterable[int], counts: Iterable[int]) -> Tensor:
-    """The prompt's ids [1, N] with each image placeholder repeated by its image's token count, in order."""
+def expanded(prompt: Iterable[int], counts: Iterable[int], placeholder: int = IMAGE_TOKEN_ID) -> Tensor:
+    """The prompt's ids [1, N] with each `placeholder` (an image's, or a video's) repeated by its item's
+    token count, in order."""
     counts = iter(counts)
-    ids = [t for token in prompt for t in ([token] * next(counts) if token == IMAGE_TOKEN_ID else [token])]
+    ids = [t for token in prompt for t in ([token] * next(counts) if token == placeholder else [token])]
     return torch.tensor([ids])
 
 

@@ -12,11 +12,12 @@ from engine import Request, image, run_engine, written
 from engine import assert_vllm_equals_hf as parity
 from hf import expanded, greedy_continuation
 from pydantic import ValidationError
-from tokenprune_vllm.reduction import CONFIG_ENV, checked_reduction, load_reduction
+from tokenprune_vllm.llava import PrunedLlavaForConditionalGeneration
+from tokenprune_vllm.reduction import CONFIG_ENV, active_reduction, checked_reduction, load_reduction
 from transformers import CLIPImageProcessor
 
 import tokenprune as tp
-from tokenprune.errors import TokenPruneError
+from tokenprune.errors import ConfigError, TokenPruneError
 from tokenprune.testing.models import IMAGE_TOKEN_ID
 
 MAX_TOKENS = 8
@@ -107,7 +108,6 @@ REFUSED = [
         {"strategy": "fastv", "layer": 2, "ratio": 0.5, "positions": "renumbered"},
         "only reductions before the language model",
     ),
-    ({"strategy": "random", "layer": 0, "keep": 9}, "`positions: original` needs positions with gaps"),
     ({"strategy": "cdpruner", "layer": 0, "keep": 9}, "depends on the prompt's text"),
     (
         {
@@ -139,3 +139,17 @@ def test_a_refused_config_stops_the_engine_at_start(llava, tmp_path: Path) -> No
     done = run_engine(llava[0], [SINGLE], MAX_TOKENS, written(tmp_path, config), tmp_path)
     assert done.returncode != 0
     assert reason in done.stderr
+
+
+def test_llava_refuses_original_positions_when_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`positions: original` (random's default) passes the config check, as Qwen2-VL's M-RoPE serves it,
+    and stops LLaVA's class when the engine builds it, naming the family: vLLM numbers 1-D positions."""
+    config = {"strategy": "random", "layer": 0, "keep": 9}
+    monkeypatch.setenv(CONFIG_ENV, str(written(tmp_path, config)))
+    assert load_reduction().positions == "original"
+    active_reduction.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=re.escape("cannot serve LLaVA with `positions: original`")):
+            PrunedLlavaForConditionalGeneration(vllm_config=None)
+    finally:
+        active_reduction.cache_clear()

@@ -1,5 +1,5 @@
 """vLLM + tokenprune-vllm == transformers + `tp.attach` on a tiny Qwen2-VL (fp32, greedy, renumbered M-RoPE);
-Qwen2.5-VL and Qwen3-VL under a reduction are refused at engine start, saying why."""
+a `site: vision` stage, which the Qwen-VL families do not serve, is refused at engine start, saying why."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine import Request, image
+from engine import Request, image, run_engine, written
 from engine import assert_vllm_equals_hf as parity
 from hf import expanded, greedy_continuation
 from tokenprune_vllm.checkpoints import VLLM_TOY_SIZE, word_tokenizer
-from tokenprune_vllm.qwen_vl import RefusedQwen2_5_VL, RefusedQwen3VL
 from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-from tokenprune.errors import ConfigError
 from tokenprune.testing.models import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
@@ -62,6 +60,7 @@ def with_fast_rope(model):
     config.text_config.rope_parameters["rope_theta"] = ROPE_THETA
     fast = type(model)(config)
     fast.load_state_dict(model.state_dict())
+    fast.generation_config = model.generation_config  # the toy's suppressed placeholder ids
     return fast
 
 
@@ -109,9 +108,13 @@ def test_reduced_vllm_equals_hf_attach(qwen2_vl, tmp_path: Path, strategy: str) 
     assert_vllm_equals_hf(qwen2_vl, tmp_path, reduction(strategy, SERVED[strategy]))
 
 
-@pytest.mark.parametrize(
-    ("refused", "family"), [(RefusedQwen2_5_VL, "Qwen2.5-VL"), (RefusedQwen3VL, "Qwen3-VL")]
-)
-def test_other_qwen_classes_refuse_naming_their_family(refused: type, family: str) -> None:
-    with pytest.raises(ConfigError, match=f"does not serve {family} with a reduction.*docs/serving.md"):
-        refused(vllm_config=None, prefix="")
+def test_a_vision_site_stops_the_engine_at_start(qwen2_vl, tmp_path: Path) -> None:
+    """The Qwen-VL classes serve `layer: 0` stages only: a vision-tower stage stops the engine, saying why."""
+    config = {
+        "strategy": "divprune",
+        "stages": [{"layer": 0, "site": "vision", "keep": 9}],
+        "positions": "renumbered",
+    }
+    done = run_engine(qwen2_vl[0], [SINGLE], MAX_TOKENS, written(tmp_path, config), tmp_path)
+    assert done.returncode != 0
+    assert "serves Qwen2-VL with `layer: 0` reductions only" in done.stderr

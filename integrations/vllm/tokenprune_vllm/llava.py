@@ -65,6 +65,14 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        if configured().positions == "original":
+            raise ConfigError(
+                "tokenprune-vllm cannot serve LLaVA with `positions: original`: a LLaVA language model "
+                "takes 1-D positions, which vLLM numbers itself for every scheduled token (contiguously "
+                "per request, decode continuing from the shortened prompt's length), and it gives the "
+                "model no way to put gaps in one request's positions: set `positions: renumbered` "
+                "(M-RoPE models such as Qwen2-VL supply their positions, and serve `original`)"
+            )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vision_tokens: GridTokens | None = None  # the tower run in progress, for a vision stage
         if configured().in_vision_tower:

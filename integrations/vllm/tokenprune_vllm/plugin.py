@@ -13,9 +13,8 @@ from tokenprune_vllm.reduction import active_reduction
 PRUNED_MODELS = {
     "LlavaForConditionalGeneration": "tokenprune_vllm.llava:PrunedLlavaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "tokenprune_vllm.qwen2_vl:PrunedQwen2VLForConditionalGeneration",
-    # refused at engine start (not served yet, see tokenprune_vllm/qwen_vl.py) rather than run unreduced
-    "Qwen2_5_VLForConditionalGeneration": "tokenprune_vllm.qwen_vl:RefusedQwen2_5_VL",
-    "Qwen3VLForConditionalGeneration": "tokenprune_vllm.qwen_vl:RefusedQwen3VL",
+    "Qwen2_5_VLForConditionalGeneration": "tokenprune_vllm.qwen_vl:PrunedQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "tokenprune_vllm.qwen_vl:PrunedQwen3VLForConditionalGeneration",
 }
 
 

@@ -1,25 +1,31 @@
-"""Qwen2-VL in vLLM with tokenprune's pre-LLM reduction: fewer placeholders per image, renumbered M-RoPE.
+"""The Qwen-VL families in vLLM with tokenprune's pre-LLM reduction: fewer placeholders per image and video,
+M-RoPE ids `renumbered` or `original`. The mixins here hold the logic; Qwen2-VL's classes below (Qwen2.5-VL's
+and Qwen3-VL's in `qwen_vl.py`) put them before vLLM's own.
 
-The processor puts each image's kept count of placeholders in the prompt; the model returns that many
-embeddings per image (`ImageReduction.select_kept`, the strategy code `tp.attach` runs). vLLM computes a
-request's M-RoPE ids when the runner admits it, before the encoder runs, in `get_mrope_input_positions`;
-which cells an image keeps depends on its pixels, so that method runs the vision tower and the selection
-on the request's images itself (a second tower pass per image) and renumbers the model's own ids of the
-unreduced prompt with tokenprune's own `renumbered` (docs/positions.md), as `tp.attach` does. vLLM's
-hook for this, EVS's `recompute_mrope_positions`, is not used: vLLM 0.32 calls it only with its video
-pruning on, and its CPU runner never. Videos pass unreduced.
+The processor puts each item's kept count of placeholders in the prompt (a function of the item's grid
+and the config: `ImageReduction.item_kept_count`); the model returns that many embeddings per item
+(`ImageReduction.select_kept`, the strategy code `tp.attach` runs, on a view of the image, or of the video
+with its frames). vLLM computes a request's M-RoPE ids when the runner admits it, before the encoder
+runs, in `get_mrope_input_positions`; which cells an item keeps depends on its pixels, so that method runs
+the vision tower and the selection on the request's items itself (a second tower pass per item) and takes
+the model's own ids of the unreduced prompt at the kept tokens: renumbered with tokenprune's own
+`renumbered` (docs/positions.md), or as they are under `positions: original` (gaps where tokens left,
+decode continuing after the unreduced prompt), as `tp.attach` does. vLLM's hook for this, EVS's
+`recompute_mrope_positions`, is not used: vLLM 0.32 calls it only with its video pruning on, and its CPU
+runner never. A family whose videos carry text between frames (Qwen3-VL's timestamps) passes them
+unreduced (`PrunedQwenVL.reduces_videos`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from vllm.config import VllmConfig
+from vllm.config import MultiModalConfig, VllmConfig
 from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
@@ -30,28 +36,28 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing.processor import PromptUpdateInfo
 
 from tokenprune.core.language.positions import renumbered
 from tokenprune.errors import ConfigError
 from tokenprune_vllm.llava import configured
+from tokenprune_vllm.reduction import Grid
 
-MODALITIES = ("image", "video")
-
-
-def kept_tokens(modality: str, full: int) -> int:
-    """Placeholders of an item with `full` merged tokens: an image's kept count, a video's all."""
-    return configured().kept_count(full) if modality == "image" else full
+# each modality's pixels in vLLM's multimodal inputs (also the `type` of its pixel inputs)
+PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
-class PrunedQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
-    """Qwen2-VL's processing info with each image's token count cut to the stage's budget."""
+class PrunedQwenVLProcessingInfo:
+    """Mixin before a Qwen-VL processing info: each image's token count cut to the stage's budget."""
 
     def get_num_image_tokens(self, **kwargs: Any) -> int:
-        return kept_tokens("image", super().get_num_image_tokens(**kwargs))
+        return configured().kept_count(super().get_num_image_tokens(**kwargs))
 
 
-class PrunedQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
-    """Qwen2-VL's processor putting each image's kept count of placeholders in the prompt."""
+class PrunedQwenVLMultiModalProcessor:
+    """Mixin before a Qwen-VL processor: the model's own prompt updates, each image's and video's
+    placeholders cut to its kept count (the family's own text around them, Qwen3-VL's video timestamps,
+    untouched)."""
 
     def _get_prompt_updates(
         self,
@@ -59,73 +65,114 @@ class PrunedQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
         hf_processor_mm_kwargs: Mapping[str, Any],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
-        processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
-        vocab = self.info.get_tokenizer().get_vocab()
-        placeholder = {"image": vocab[processor.image_token], "video": vocab[processor.video_token]}
-
-        def replacement(item: int, modality: str) -> list[int]:
-            grid = out_mm_kwargs[modality][item][f"{modality}_grid_thw"].data
-            return [placeholder[modality]] * kept_tokens(modality, int(grid.prod()) // merge**2)
-
-        return [
-            PromptReplacement(
-                modality=modality,
-                target=[placeholder[modality]],
-                replacement=partial(replacement, modality=modality),
-            )
-            for modality in MODALITIES
-        ]
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        grid = partial(merged_grid, out_mm_kwargs, merge)
+        return [replace(update, replacement=partial(kept_placeholders, update, grid)) for update in updates]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PrunedQwen2VLMultiModalProcessor, info=PrunedQwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
-)
-class PrunedQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
-    """vLLM's Qwen2-VL returning each image's kept embeddings, its prompts numbered `renumbered`."""
+def merged_grid(out_mm_kwargs: MultiModalKwargsItems, merge: int, modality: str, item: int) -> Grid:
+    """(T, H, W) merged tokens of a processed item: its `*_grid_thw` after the `merge` x `merge` merger."""
+    frames, height, width = out_mm_kwargs[modality][item][f"{modality}_grid_thw"].data.tolist()
+    return frames, height // merge, width // merge
+
+
+def kept_placeholders(
+    update: PromptReplacement, grid: Callable[[str, int], Grid], item: int
+) -> PromptUpdateInfo:
+    """`update`'s replacement of `item` cut to the item's kept count (`grid(modality, item)` its merged
+    grid): an image's or a video's is one placeholder token repeated; a video's with text between its
+    frames (Qwen3-VL's timestamps, a `PromptUpdateDetails`) passes whole."""
+    full = update.replacement(item)
+    if not isinstance(full, list):
+        return full
+    return full[: configured().item_kept_count(len(full), grid(update.modality, item))]
+
+
+def refuse_own_pruning(multimodal: MultiModalConfig, family: str) -> None:
+    """Refuse vLLM's own video pruning (EVS, VidCom2) beside a tokenprune reduction: both would set the
+    placeholder counts and the M-RoPE ids (its image embeddings would get position channels per token)."""
+    if multimodal.is_multimodal_pruning_enabled():
+        raise ConfigError(
+            f"tokenprune-vllm cannot serve {family} with vLLM's own video pruning on (`video_pruning_rate` > "
+            "0): both would cut the placeholders and number the M-RoPE ids; turn one of them off"
+        )
+
+
+class PrunedQwenVL:
+    """Mixin before a vLLM Qwen-VL model: each item's kept embeddings, its M-RoPE ids as the policy says."""
+
+    family: ClassVar[str]  # the family's name, in refusals
+    reduces_videos: ClassVar[bool] = True  # False: its videos pass whole (text between frames: Qwen3-VL)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        refuse_own_pruning(vllm_config.model_config.get_multimodal_config(), self.family)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if configured().in_vision_tower:
             raise ConfigError(
-                "tokenprune-vllm serves Qwen2-VL with `layer: 0` reductions only; `site: vision` stages "
-                "are served on LLaVA (docs/serving.md)"
+                f"tokenprune-vllm serves {self.family} with `layer: 0` reductions only; `site: vision` "
+                "stages are served on LLaVA (docs/serving.md)"
             )
 
     def _process_image_input(self, image_input: Any) -> tuple[Tensor, ...]:
         embeddings = super()._process_image_input(image_input)
-        grids = image_input["image_grid_thw"].tolist()
-        return tuple(self._kept(image, grid)[0] for image, grid in zip(embeddings, grids, strict=True))
+        return self._kept_items(embeddings, image_input["image_grid_thw"])
 
-    def _kept(self, image: Tensor, grid_thw: list[int]) -> tuple[Tensor, Tensor]:
-        """One image's kept embeddings and their [k] indices among its merged tokens."""
+    def _process_video_input(self, video_input: Any) -> tuple[Tensor, ...]:
+        embeddings = super()._process_video_input(video_input)
+        if not self.reduces_videos:
+            return embeddings
+        return self._kept_items(embeddings, video_input["video_grid_thw"])
+
+    def _kept_items(self, embeddings: Sequence[Tensor], grids: Tensor) -> tuple[Tensor, ...]:
+        """Each item's kept embeddings, from its embeddings and its [3] `*_grid_thw` row of `grids`."""
+        return tuple(self._kept(item, grid)[0] for item, grid in zip(embeddings, grids.tolist(), strict=True))
+
+    def _kept(self, item: Tensor, grid_thw: list[int]) -> tuple[Tensor, Tensor]:
+        """One image's or video's kept embeddings and their [k] indices among its merged tokens."""
         merge = self.visual.spatial_merge_size
-        return configured().select_kept(image, (grid_thw[1] // merge, grid_thw[2] // merge))
+        frames, height, width = grid_thw
+        return configured().select_kept(item, (frames, height // merge, width // merge))
+
+    def _reduces(self, modality: str) -> bool:
+        """Whether the items of `modality` are reduced (images always, videos unless passed whole)."""
+        return modality == "image" or self.reduces_videos
 
     def _kept_index(self, feature: MultiModalFeatureSpec, full: int) -> Tensor:
-        """[k] the tokens a request's item keeps among its `full`: an image's as `embed_multimodal` will
-        select them (its tower run here too), a video's all."""
-        if feature.modality != "image":
+        """[k] the tokens a request's item keeps among its `full`: as `embed_multimodal` will select
+        them (its tower run here too), or all of a video passed whole."""
+        modality = feature.modality
+        if not self._reduces(modality):
             return torch.arange(full)
-        if "pixel_values" not in feature.data:
-            raise ConfigError("tokenprune-vllm reduces Qwen2-VL images given as pixels, not as embeddings")
-        grid = feature.data["image_grid_thw"].data
-        pixels = feature.data["pixel_values"].data.to(self.visual.device, self.visual.dtype)
-        image = super()._process_image_input(
-            {"type": "pixel_values", "pixel_values": pixels, "image_grid_thw": grid[None]}
-        )[0]
-        return self._kept(image, grid.tolist())[1].cpu()
+        pixels = PIXELS[modality]
+        if pixels not in feature.data:
+            raise ConfigError(
+                f"tokenprune-vllm reduces {self.family} {modality}s given as pixels, not as embeddings"
+            )
+        grid = feature.data[f"{modality}_grid_thw"].data
+        inputs = {
+            "type": pixels,
+            pixels: feature.data[pixels].data.to(self.visual.device, self.visual.dtype),
+            f"{modality}_grid_thw": grid[None],
+        }
+        encode = super()._process_image_input if modality == "image" else super()._process_video_input
+        return self._kept(encode(inputs)[0], grid.tolist())[1].cpu()
 
     @torch.inference_mode()
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
     ) -> tuple[Tensor, int]:
-        """The shortened prompt's [3, N] `renumbered` ids and the decode delta (largest id + 1 - N): the
-        model's own ids of the unreduced prompt, renumbered over the kept tokens by tokenprune's rule."""
+        """The shortened prompt's [3, N] ids and the decode delta (the next id - N), from the model's own
+        ids of the unreduced prompt: `renumbered` over the kept tokens by tokenprune's rule, decode
+        continuing after the largest renumbered id; or `original`, the kept tokens' own ids (gaps where
+        tokens left), decode continuing after the unreduced prompt's largest id."""
         tokens, features, segment, kept = self._unreduced(input_tokens, mm_features)
         own, _ = super().get_mrope_input_positions(tokens, features)
+        own = own.long()
+        if configured().positions == "original":
+            return own[:, kept], int(own.max()) + 1 - len(input_tokens)
         real = torch.ones(1, len(tokens), dtype=torch.bool)
-        positions = renumbered(own.long()[:, None], segment[None], real, kept[None])[0][:, 0]
+        positions = renumbered(own[:, None], segment[None], real, kept[None])[0][:, 0]
         return positions, int(positions.max()) + 1 - len(input_tokens)
 
     def _unreduced(
@@ -133,7 +180,6 @@ class PrunedQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     ) -> tuple[list[int], list[MultiModalFeatureSpec], Tensor, Tensor]:
         """The unreduced prompt of a shortened one: its tokens, its items placed in it, each token's item
         (-1: text) and the [N] indices in it of the shortened prompt's tokens."""
-        merge = self.visual.spatial_merge_size
         tokens: list[int] = []
         features, segment, kept = [], [], []
         read = 0
@@ -142,11 +188,42 @@ class PrunedQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             text = input_tokens[read : place.offset]
             kept.append(torch.arange(len(text)) + len(tokens))
             tokens, segment = tokens + text, segment + [-1] * len(text)
-            full = int(feature.data[f"{feature.modality}_grid_thw"].data.prod()) // merge**2
-            kept.append(self._kept_index(feature, full) + len(tokens))
-            features.append(replace(feature, mm_position=replace(place, offset=len(tokens), length=full)))
-            tokens, segment = tokens + [input_tokens[place.offset]] * full, segment + [item] * full
+            span = self._full_span(feature, input_tokens[place.offset : place.offset + place.length])
+            kept.append(self._kept_index(feature, len(span)) + len(tokens))
+            placed = replace(place, offset=len(tokens), length=len(span))
+            features.append(replace(feature, mm_position=placed))
+            tokens, segment = tokens + span, segment + [item] * len(span)
             read = place.offset + place.length
         kept.append(torch.arange(len(input_tokens) - read) + len(tokens))
         tokens, segment = tokens + input_tokens[read:], segment + [-1] * (len(input_tokens) - read)
         return tokens, features, torch.tensor(segment), torch.cat(kept)
+
+    def _full_span(self, feature: MultiModalFeatureSpec, span: list[int]) -> list[int]:
+        """An item's tokens in the unreduced prompt, from its `span` in the shortened one: a reduced item's
+        placeholder once per merged token, a video passed whole as it is (Qwen3-VL's has timestamps)."""
+        if not self._reduces(feature.modality):
+            return span
+        merge = self.visual.spatial_merge_size
+        return span[:1] * (int(feature.data[f"{feature.modality}_grid_thw"].data.prod()) // merge**2)
+
+
+def pruned_processing(processor: type, info: type, dummy_inputs: type) -> Callable[[type], type]:
+    """vLLM's registration of a pruned Qwen-VL model's processing: its family's processor and processing
+    info behind the mixins above, its dummy inputs as they are."""
+    return MULTIMODAL_REGISTRY.register_processor(
+        behind(PrunedQwenVLMultiModalProcessor, processor),
+        info=behind(PrunedQwenVLProcessingInfo, info),
+        dummy_inputs=dummy_inputs,
+    )
+
+
+def behind(mixin: type, base: type) -> type:
+    """The class `Pruned<base>`: `mixin`'s methods first, then vLLM's `base`."""
+    return type(f"Pruned{base.__name__}", (mixin, base), {"__module__": __name__})
+
+
+@pruned_processing(Qwen2VLMultiModalProcessor, Qwen2VLProcessingInfo, Qwen2VLDummyInputsBuilder)
+class PrunedQwen2VLForConditionalGeneration(PrunedQwenVL, Qwen2VLForConditionalGeneration):
+    """vLLM's Qwen2-VL returning each image's and video's kept embeddings, M-RoPE ids as the policy says."""
+
+    family = "Qwen2-VL"

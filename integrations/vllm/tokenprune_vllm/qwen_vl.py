@@ -1,36 +1,53 @@
-"""Qwen2.5-VL and Qwen3-VL under a configured reduction: refused at engine start, saying why.
+"""Qwen2.5-VL and Qwen3-VL in vLLM with tokenprune's pre-LLM reduction, as Qwen2-VL (`qwen2_vl.py`'s mixins).
 
-Without these classes such a checkpoint served with `TOKENPRUNE_VLLM_CONFIG` set would run unreduced,
-silently. Qwen2-VL is served (`tokenprune_vllm/qwen2_vl.py`); these two need the same subclass and their
-own parity tests: docs/serving.md, "Qwen2-VL, Qwen2.5-VL and Qwen3-VL".
+Qwen2.5-VL differs from Qwen2-VL in its vision tower (windowed attention) and its videos' time-scaled
+M-RoPE ids: the mixins serve its images as they are; its videos pass whole until a parity test covers
+them. Qwen3-VL's tower returns, per merged token, the main feature followed by its DeepStack
+features (one per deepstack vision layer, concatenated along the hidden dimension), which the language
+model splits and adds after its first decoder layers. The strategy chooses on the main features (what
+`tp.attach` gives it at layer 0) and the kept rows cut the DeepStack features identically: a merged
+token carries its survivor's own, as `tp.attach` injects them. Its M-RoPE ids are interleaved by the
+rotary embedding, not by the ids, so renumbering them is Qwen2-VL's rule; its videos (timestamped
+frames) pass unreduced.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
-
-from tokenprune.errors import ConfigError
-
-REASON = (
-    "tokenprune-vllm does not serve {family} with a reduction yet (only LLaVA-1.5 and Qwen2-VL): its "
-    "kept placeholder counts and renumbered M-RoPE ids are not implemented for it; unset "
-    "TOKENPRUNE_VLLM_CONFIG to serve it unreduced "
-    "(docs/serving.md, 'Qwen2-VL, Qwen2.5-VL and Qwen3-VL')"
+import torch
+from torch import Tensor
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
 )
 
-
-def refused(base: type, family: str) -> type:
-    """A subclass of vLLM's `base` whose construction (at engine start, before weights load) raises the
-    refusal for `family`."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        raise ConfigError(REASON.format(family=family))
-
-    return type(f"Refused{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
+from tokenprune_vllm.qwen2_vl import PrunedQwenVL, pruned_processing
 
 
-RefusedQwen2_5_VL = refused(Qwen2_5_VLForConditionalGeneration, "Qwen2.5-VL")
-RefusedQwen3VL = refused(Qwen3VLForConditionalGeneration, "Qwen3-VL")
+@pruned_processing(Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo, Qwen2_5_VLDummyInputsBuilder)
+class PrunedQwen2_5_VLForConditionalGeneration(PrunedQwenVL, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL returning each image's kept embeddings, its prompts numbered `renumbered`."""
+
+    family = "Qwen2.5-VL"
+    reduces_videos = False  # time-scaled M-RoPE ids of its videos not parity-tested yet: they pass whole
+
+
+@pruned_processing(Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo, Qwen3VLDummyInputsBuilder)
+class PrunedQwen3VLForConditionalGeneration(PrunedQwenVL, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL returning each image's kept embeddings with their own DeepStack features."""
+
+    family = "Qwen3-VL"
+    reduces_videos = False  # timestamp text between its frames: its videos pass whole
+
+    def _kept(self, image: Tensor, grid_thw: list[int]) -> tuple[Tensor, Tensor]:
+        """The strategy chooses on the main features [N, D]; the kept rows' DeepStack features follow them."""
+        main, deepstack = image.split([self.visual_dim, self.multiscale_dim], dim=-1)
+        features, index = super()._kept(main, grid_thw)
+        return torch.cat([features, deepstack[index.to(deepstack.device)]], dim=-1), index

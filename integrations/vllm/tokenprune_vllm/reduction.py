@@ -1,39 +1,48 @@
-"""Glue between a tokenprune `ReductionConfig` and vLLM: checks at engine start, per-image selection.
+"""Glue between a tokenprune `ReductionConfig` and vLLM: checks at engine start, per-item selection.
 
-vLLM fixes each image's placeholder count in its front-end, before scheduling, so only reductions that
-act before the language model, with a fixed budget per image, can run there. `load_reduction` reads the
-config named by the environment variable `TOKENPRUNE_VLLM_CONFIG` (a YAML or JSON file, as
-`tokenprune run` takes) and refuses, with the reason, anything vLLM cannot carry. `ImageReduction.select`
-picks one image's kept features with the registered strategy's own `select`, on a `TokenView` of that
-image alone: the same code `tp.attach` runs at layer 0.
+vLLM fixes each image's or video's placeholder count in its front-end, before scheduling, so only
+reductions that act before the language model, with a budget computable from the item's grid, can run
+there. `load_reduction` reads the config named by the environment variable `TOKENPRUNE_VLLM_CONFIG` (a
+YAML or JSON file, as `tokenprune run` takes) and refuses, with the reason, anything vLLM cannot carry.
+`ImageReduction.select` picks one item's kept features with the registered strategy's own `select`, on a
+`TokenView` of that item alone (an image, or a video with its frames): the same code `tp.attach` runs at
+layer 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from torch import Tensor
 
 from tokenprune.config import ReductionConfig, Stage, load_config
-from tokenprune.contracts.layout import SEGMENT_KINDS, grid_coords
-from tokenprune.contracts.reducer import Reducer, TokenView
+from tokenprune.contracts.layout import Segment, VisualLayout, line_coords
+from tokenprune.contracts.reducer import PositionPolicy, Reducer, TokenView
 from tokenprune.core.grid import GridTokens, retained_layers
 from tokenprune.core.merging import merge_tokens
 from tokenprune.core.selection import check_strategy_site, checked_select
 from tokenprune.core.vision_site import VISION_SIGNALS
-from tokenprune.errors import ConfigError
+from tokenprune.errors import ConfigError, StrategyError
 from tokenprune.registry import strategy_class
 
 CONFIG_ENV = "TOKENPRUNE_VLLM_CONFIG"
 
+# One item's merged tokens: an image's (H, W) grid, or (T, H, W) with T frames (a video's temporal patches).
+Grid = tuple[int, int] | tuple[int, int, int]
+# An item's layer-0 budget: one count over its tokens, or one per frame (`budget: per_frame`).
+Budget = int | tuple[int, ...]
+
 
 @dataclass(frozen=True)
 class ImageReduction:
-    """One checked pre-LLM reduction: how many tokens each image keeps, and which."""
+    """One checked pre-LLM reduction: how many tokens each image (or video) keeps, and which."""
 
     config: ReductionConfig
     reducer: Reducer
@@ -47,12 +56,31 @@ class ImageReduction:
         """Whether the stage reduces a vision-tower layer's output (`site: vision`), not layer 0's input."""
         return self.stage.site == "vision"
 
+    @property
+    def positions(self) -> PositionPolicy:
+        """The stage's position policy (`original` or `renumbered`), as `tp.attach` resolves it."""
+        return self.config.position_policy(self.stage)
+
     def kept_count(self, n_tokens: int, prefix: int = 0) -> int:
         """Placeholder tokens an image of `n_tokens` features keeps (the processor's count); `prefix` of them
         lead the patches (a class token), never reduced in a vision tower, a candidate like any at layer 0."""
         if self.in_vision_tower:
             return self.stage.kept_count(n_tokens - prefix) + prefix
         return self.stage.kept_count(n_tokens)
+
+    def item_budget(self, n_tokens: int, grid: Grid) -> Budget:
+        """The layer-0 budget of an item of `n_tokens` on `grid`, as `tp.attach` counts a sample holding
+        it alone: `Stage.kept_count` of its tokens, or with `budget: per_frame` of each frame's."""
+        frames = item_segment(n_tokens, grid).extent[0]
+        if self.config.budget == "per_frame":
+            return (self.stage.kept_count(n_tokens // frames),) * frames
+        return self.stage.kept_count(n_tokens)
+
+    def item_kept_count(self, n_tokens: int, grid: Grid) -> int:
+        """Placeholders an item of `n_tokens` on `grid` keeps at layer 0: a function of its grid and the
+        config only (strategies keep their budget exactly), so the processor can count them."""
+        budget = self.item_budget(n_tokens, grid)
+        return budget if isinstance(budget, int) else sum(budget)
 
     def retained(self) -> dict[int, int]:
         """Earlier vision layers whose attention the stage also reads ({layer: stage layer}, HiPrune's)."""
@@ -63,14 +91,14 @@ class ImageReduction:
         site reduces with; survivors in their original order, as they reach the projector there."""
         return GridTokens(self.reducer, 1, grid, True, "spatial", site="vision", retain=self.retained())
 
-    def select(self, features: Tensor, grid: tuple[int, int]) -> Tensor:
-        """[k, D] kept (or merged) features of one image's [N, D] features on an (H, W) patch grid (N = H W),
-        in their original order, as the language model's layer 0 receives them under `tp.attach`."""
+    def select(self, features: Tensor, grid: Grid) -> Tensor:
+        """[k, D] kept (or merged) features of one item's [N, D] features on its grid (N = H W, or T H W;
+        H W + 1 with a class token), in their original order, as layer 0 gets them under `tp.attach`."""
         return self.select_kept(features, grid)[0]
 
-    def select_kept(self, features: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def select_kept(self, features: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
         """`select`'s [k, D] features and the [k] indices of the kept tokens (their cells, for M-RoPE)."""
-        view = image_view(features, grid, self.kept_count(features.shape[0]))
+        view = item_view(features, grid, self.item_budget(features.shape[0], grid))
         keep, merge = checked_select(self.reducer, view)
         hidden = features[None]
         if merge is not None:
@@ -78,35 +106,45 @@ class ImageReduction:
         return hidden[0][keep[0]], keep[0].nonzero()[:, 0]
 
 
-def image_view(
-    features: Tensor, grid: tuple[int, int], budget: int, text: tuple[Tensor, Tensor] | None = None
+def item_segment(n_tokens: int, grid: Grid) -> Segment:
+    """The segment of one item of `n_tokens` at positions 0..N-1: its (t, row, col) cells on its (T, H, W)
+    grid as the Qwen2-VL adapter places an image's or a video's (an image: T = 1), or one row of cells when
+    a class token leads the patches (LLaVA's "full" features, as the LLaVA adapter has them)."""
+    shape = (1, *grid) if len(grid) == 2 else grid
+    if math.prod(shape) == n_tokens:
+        return Qwen2VLAdapter.item_segment(0, torch.arange(n_tokens), shape)
+    return Segment(0, torch.arange(n_tokens), *line_coords(n_tokens))
+
+
+def item_view(
+    features: Tensor, grid: Grid, budget: Budget, text: tuple[Tensor, Tensor] | None = None
 ) -> TokenView:
-    """The `TokenView` of one image's features [N, D] at the language model's layer 0, every image token a
-    candidate; `text` ([T1, D], [T2, D]) puts prompt tokens before and after it (the text probe's views)."""
+    """The `TokenView` of one item's features [N, D] at the language model's layer 0, every item token a
+    candidate, its frames numbered as the core's `VisualLayout` numbers them; a tuple `budget` is one
+    count per frame (`budget: per_frame`); `text` ([T1, D], [T2, D]) puts prompt tokens before and after
+    it (the text probe's views)."""
     before, after = text if text is not None else (features[:0], features[:0])
-    n_tokens, device = features.shape[0], features.device
-    if grid[0] * grid[1] == n_tokens:
-        coords, extent = grid_coords(*grid), (1, *grid)
-    else:  # a class token leads the patches ("full" feature selection): one row, as the LLaVA adapter has it
-        coords, extent = grid_coords(1, n_tokens), (1, 1, n_tokens)
     hidden = torch.cat([before, features, after])
-    image = torch.zeros(hidden.shape[0], dtype=torch.bool, device=device)
-    image[before.shape[0] : before.shape[0] + n_tokens] = True
-    cells = torch.full((hidden.shape[0], 3), -1, device=device)
-    cells[image] = coords.to(device)
-    image_only = torch.where(image, 0, -1)[None]
+    segment = item_segment(features.shape[0], grid)
+    segment = dataclasses.replace(segment, positions=segment.positions + before.shape[0])
+    device = features.device
+    layout = VisualLayout.from_segments(1, hidden.shape[0], [segment], device)
+    per_frame = not isinstance(budget, int)
     return TokenView(
         hidden=hidden[None],
-        candidates=image[None],
-        valid=torch.ones_like(image)[None],
-        segment=image_only,
-        coords=cells[None],
-        extent=(torch.tensor(extent, device=device) * image[:, None])[None],
+        candidates=layout.visual,
+        valid=torch.ones_like(layout.visual),
+        segment=layout.segment,
+        coords=layout.coords,
+        extent=layout.extent,
         positions=torch.arange(hidden.shape[0], device=device)[None],
-        budget=torch.tensor([budget], device=device),
+        budget=torch.tensor([sum(budget) if per_frame else budget], device=device),
         layer=0,
-        frame=image_only,
-        kind=torch.where(image_only >= 0, SEGMENT_KINDS.index("grid"), -1),
+        frame=layout.frame,
+        frame_budget=torch.tensor([budget], device=device) if per_frame else None,
+        kind=layout.kind,
+        frame_size=features.shape[0] // max(layout.frames, 1),  # an item's frames are equal
+        max_budget=sum(budget) if per_frame else budget,
     )
 
 
@@ -126,7 +164,7 @@ def reads_text(reducer: Reducer, grid: tuple[int, int] = (4, 4), width: int = 16
         ),
     ]
     choices = [
-        _image_choice(reducer, image_view(features, grid, features.shape[0] // 2, text)) for text in texts
+        _image_choice(reducer, item_view(features, grid, features.shape[0] // 2, text)) for text in texts
     ]
     return any(not torch.equal(choice, choices[0]) for choice in choices[1:])
 
@@ -165,14 +203,6 @@ def checked_reduction(config: ReductionConfig, source: str = "the config") -> Im
     if len(config.stages) != 1:
         raise refuse("vLLM fixes each image's token count before scheduling: give exactly one stage")
     stage = config.stages[0]
-    if config.budget != "sample":
-        raise refuse("`budget: per_frame` concerns videos; images get one budget each")
-    if config.position_policy(stage) != "renumbered":
-        raise refuse(
-            "`positions: original` needs positions with gaps, but vLLM numbers every scheduled token itself "
-            "(contiguously per request, decode continuing from the prompt's length) and gives the model no "
-            "way to tell the requests of a batch apart: set `positions: renumbered`"
-        )
     reduction = ImageReduction(config, reducer)
     if stage.site == "vision":
         _checked_vision_stage(reduction, refuse)
@@ -205,6 +235,10 @@ def _checked_input_stage(reduction: ImageReduction, refuse: Callable[[str], Conf
         check_strategy_site(reducer, "language")
     except ConfigError as exc:
         raise refuse(str(exc)) from exc
+    try:  # a strategy refusing the budget (a per-frame one across frames) refuses here, not on a request
+        reduction.select_kept(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)), (2, 4, 4))
+    except StrategyError as exc:
+        raise refuse(str(exc)) from exc
     if reads_text(reducer):
         raise refuse(
             "its choice of image tokens depends on the prompt's text, but vLLM encodes each image without "
@@ -233,7 +267,7 @@ def merges_proportionally(reduction: ImageReduction, grid: tuple[int, int] = (4,
     half = reduction.stage.model_copy(update={"keep": None, "ratio": 0.5})  # the config's keep may be all
     if not reduction.in_vision_tower:
         _, merge = checked_select(
-            reduction.reducer, image_view(features[0, 1:], grid, half.kept_count(length - 1))
+            reduction.reducer, item_view(features[0, 1:], grid, half.kept_count(length - 1))
         )
         return merge is not None and merge.proportional_attention
     tokens = reduction.grid_tokens(grid)

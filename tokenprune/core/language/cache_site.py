@@ -36,7 +36,7 @@ from tokenprune.core.language.ledger import (
 from tokenprune.core.language.lifecycle import Hooks
 from tokenprune.core.language.reduction import layout_on
 from tokenprune.core.selection import ReductionEvent, checked_select
-from tokenprune.errors import StrategyError
+from tokenprune.errors import ConfigError, StrategyError
 from tokenprune.indexing import gather_tokens, left_aligned_index
 
 
@@ -46,6 +46,12 @@ class CacheSite:
     def __init__(
         self, adapter: Adapter, config: ReductionConfig, reducer: Reducer, stage: Stage, ledger: CacheLedger
     ) -> None:
+        if stage.positions == "renumbered":
+            raise ConfigError(
+                f"`site: cache` stage at layer {stage.layer}: `positions: renumbered` cannot apply to it: "
+                "its kept entries keep the keys they were cached with, rotated at their positions; renumber "
+                "in a prefill stage instead"
+            )
         self.config = config
         self.reducer = reducer
         self.stage = stage

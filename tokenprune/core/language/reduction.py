@@ -172,7 +172,9 @@ class ReductionStep:
         frame = gather_tokens(layout.frame, index, 1)
         protected = gather_tokens(layout.visual, index, 1) & valid & ~candidates  # a visual last token
         frame, protected_frame = frame.masked_fill(~candidates, -1), frame.masked_fill(~protected, -1)
-        budgets = self._budgets(state, stage, (candidates, frame), (protected, protected_frame))
+        budgets, frame_size, max_budget = self._budgets(
+            state, stage, (candidates, frame), (protected, protected_frame)
+        )
         return TokenView(
             hidden=hidden,
             candidates=candidates,
@@ -188,12 +190,15 @@ class ReductionStep:
             frame_budget=budgets if self.config.budget == "per_frame" else None,
             sizes=sizes,
             kind=gather_tokens(layout.kind, index, 1).masked_fill(~candidates, -1),
+            frame_size=frame_size,
+            max_budget=max_budget,
         )
 
     def _budgets(
         self, state: Pass, stage: Stage, candidates: tuple[Tensor, Tensor], protected: tuple[Tensor, Tensor]
-    ) -> Tensor:
-        """[B, G] candidates to keep: one budget per sample (G = 1) or one per frame.
+    ) -> tuple[Tensor, int, int]:
+        """([B, G] candidates to keep: one budget per sample (G = 1) or one per frame; the view's bounds:
+        the most candidates in one frame, the largest budget of a sample).
 
         Counted from the group's original visual tokens (a schedule's ratios all refer to the input),
         less the visual tokens kept anyway (a visual last token), capped by the candidates present.
@@ -202,19 +207,17 @@ class ReductionStep:
         layout = state.layout
         device = candidates[0].device
         original = layout.visual & _padding_valid(state.padding_mask, *layout.visual.shape, device)
-        per_frame = self.config.budget == "per_frame"
-        n_groups = max(layout.frames, 1) if per_frame else 1
-
-        def counts(mask: Tensor, frame: Tensor) -> Tensor:
-            return group_counts(mask, frame if per_frame else torch.zeros_like(frame), n_groups)
-
-        then, fixed, now = counts(original, layout.frame), counts(*protected), counts(*candidates)
-        rows = torch.stack([then, fixed, now]).tolist()  # one host sync per stage
+        groups = ((original, layout.frame), protected, candidates)  # (mask, frame), counted per frame
+        rows = torch.stack([group_counts(*g, max(layout.frames, 1)) for g in groups]).tolist()  # one sync
+        frame_size = max((max(frames) for frames in rows[2]), default=0)
+        if self.config.budget != "per_frame":  # one group per sample
+            rows = [[[sum(frames)] for frames in part] for part in rows]
         budgets = [
             [min(max(stage.kept_count(n) - f, 0), c) for n, f, c in zip(*sample, strict=True)]
             for sample in zip(*rows, strict=True)
         ]
-        return torch.tensor(budgets, dtype=torch.long, device=device)
+        max_budget = max((sum(sample) for sample in budgets), default=0)
+        return torch.tensor(budgets, dtype=torch.long, device=device), frame_size, max_budget
 
     def _overrides(
         self, kept: Tensor, kwargs: dict[str, Any], dtype: torch.dtype, bias: Tensor | None
