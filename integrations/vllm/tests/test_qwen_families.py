@@ -10,7 +10,11 @@ from typing import Any
 import pytest
 from test_qwen_vl import assert_vllm_equals_hf, reduction, with_fast_rope
 from tokenprune_vllm.checkpoints import VLLM_TOY_SIZE, word_tokenizer
-from tokenprune_vllm.qwen2_vl import refuse_own_pruning
+from tokenprune_vllm.qwen2_vl import PrunedQwen2VLForConditionalGeneration, refuse_own_pruning
+from tokenprune_vllm.qwen_vl import (
+    PrunedQwen2_5_VLForConditionalGeneration,
+    PrunedQwen3VLForConditionalGeneration,
+)
 from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
@@ -85,3 +89,17 @@ def test_vllm_own_video_pruning_beside_a_reduction_is_refused(family: str) -> No
     refuse_own_pruning(MultiModalConfig(), family)  # vLLM's pruning off: served
     with pytest.raises(ConfigError, match=f"cannot serve {family} with vLLM's own video pruning on"):
         refuse_own_pruning(MultiModalConfig(video_pruning_rate=0.5), family)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        PrunedQwen2VLForConditionalGeneration,
+        PrunedQwen2_5_VLForConditionalGeneration,
+        PrunedQwen3VLForConditionalGeneration,
+    ],
+)
+def test_the_processor_cuts_videos_exactly_where_the_model_reduces_them(model: type) -> None:
+    """A model passing its videos whole (Qwen2.5-VL, Qwen3-VL) gets a processor leaving their placeholders
+    whole: otherwise the prompt would hold fewer placeholders than the embeddings returned."""
+    assert model._processor_factory.processor.reduces_videos is model.reduces_videos

@@ -57,7 +57,9 @@ class PrunedQwenVLProcessingInfo:
 class PrunedQwenVLMultiModalProcessor:
     """Mixin before a Qwen-VL processor: the model's own prompt updates, each image's and video's
     placeholders cut to its kept count (the family's own text around them, Qwen3-VL's video timestamps,
-    untouched)."""
+    untouched); a video's left whole where its model passes videos whole (`reduces_videos`)."""
+
+    reduces_videos: ClassVar[bool] = True  # the model's `PrunedQwenVL.reduces_videos` (`pruned_processing`)
 
     def _get_prompt_updates(
         self,
@@ -68,7 +70,12 @@ class PrunedQwenVLMultiModalProcessor:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
         grid = partial(merged_grid, out_mm_kwargs, merge)
-        return [replace(update, replacement=partial(kept_placeholders, update, grid)) for update in updates]
+        return [
+            replace(update, replacement=partial(kept_placeholders, update, grid))
+            if update.modality == "image" or self.reduces_videos
+            else update
+            for update in updates
+        ]
 
 
 def merged_grid(out_mm_kwargs: MultiModalKwargsItems, merge: int, modality: str, item: int) -> Grid:
@@ -209,17 +216,22 @@ class PrunedQwenVL:
 
 def pruned_processing(processor: type, info: type, dummy_inputs: type) -> Callable[[type], type]:
     """vLLM's registration of a pruned Qwen-VL model's processing: its family's processor and processing
-    info behind the mixins above, its dummy inputs as they are."""
-    return MULTIMODAL_REGISTRY.register_processor(
-        behind(PrunedQwenVLMultiModalProcessor, processor),
-        info=behind(PrunedQwenVLProcessingInfo, info),
-        dummy_inputs=dummy_inputs,
-    )
+    info behind the mixins above (the processor cutting videos only where the model reduces them), its
+    dummy inputs as they are."""
+
+    def register(model: type) -> type:
+        return MULTIMODAL_REGISTRY.register_processor(
+            behind(PrunedQwenVLMultiModalProcessor, processor, reduces_videos=model.reduces_videos),
+            info=behind(PrunedQwenVLProcessingInfo, info),
+            dummy_inputs=dummy_inputs,
+        )(model)
+
+    return register
 
 
-def behind(mixin: type, base: type) -> type:
-    """The class `Pruned<base>`: `mixin`'s methods first, then vLLM's `base`."""
-    return type(f"Pruned{base.__name__}", (mixin, base), {"__module__": __name__})
+def behind(mixin: type, base: type, **attributes: Any) -> type:
+    """The class `Pruned<base>`: `mixin`'s methods first, then vLLM's `base` (with `attributes` set)."""
+    return type(f"Pruned{base.__name__}", (mixin, base), {"__module__": __name__, **attributes})
 
 
 @pruned_processing(Qwen2VLMultiModalProcessor, Qwen2VLProcessingInfo, Qwen2VLDummyInputsBuilder)
