@@ -27,6 +27,7 @@ ENGINE_ENV = {
 }
 IMAGE_SIDE = 24  # the toy checkpoints' CLIP input side (6 x 6 patches of 4 pixels)
 VIDEO_FRAMES = 4  # the toy videos' frames: two temporal patches of Qwen2-VL's `temporal_patch_size` 2
+VIDEO_FPS = 1.0  # their frame rate: Qwen2.5-VL's M-RoPE time ids step by 2 / fps x `tokens_per_second`
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ def video(seed: int) -> np.ndarray:
     """A seeded random RGB video [frames, side, side, 3] at the toy tower's input size."""
     shape = (VIDEO_FRAMES, IMAGE_SIDE, IMAGE_SIDE, 3)
     return np.random.default_rng(10_000 + seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def video_metadata(frames: int) -> dict[str, Any]:
+    """The metadata vLLM takes beside a video (Qwen2.5-VL requires it): all its `frames` at `VIDEO_FPS`."""
+    return {
+        "fps": VIDEO_FPS,
+        "duration": frames / VIDEO_FPS,
+        "total_num_frames": frames,
+        "frames_indices": list(range(frames)),
+        "video_backend": "opencv",
+    }
 
 
 def run_engine(
@@ -127,10 +139,10 @@ def main(job_path: str, out_path: str) -> None:
 
 
 def media(request: dict[str, Any]) -> dict[str, list]:
-    """A request's `multi_modal_data`: its images, and its videos when it has any."""
+    """A request's `multi_modal_data`: its images, and its videos (with their metadata) when it has any."""
     data: dict[str, list] = {"image": [image(s) for s in request["images"]]}
     if request["videos"]:
-        data["video"] = [video(s) for s in request["videos"]]
+        data["video"] = [(video(s), video_metadata(VIDEO_FRAMES)) for s in request["videos"]]
     return data
 
 

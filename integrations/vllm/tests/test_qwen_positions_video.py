@@ -93,6 +93,7 @@ class Media:
     grids: str
     placeholder: int
     token_type: int  # its value in `mm_token_type_ids`
+    extras: tuple[str, ...] = ()  # further processor outputs the model takes (Qwen2.5-VL's video timing)
 
 
 MEDIA = (
@@ -105,15 +106,21 @@ MEDIA = (
 def qwen2_vl(tmp_path_factory: pytest.TempPathFactory):
     """A seeded tiny Qwen2-VL and its processor (videos sized as images) in vLLM's layout; the HF model."""
     folder = tmp_path_factory.mktemp("qwen2-vl-video")
-    model = with_sharp_attention(with_fast_rope(toy_qwen2_vl(VLLM_TOY_SIZE))).eval()
+    return folder, saved_sharp_qwen(folder, toy_qwen2_vl, Qwen2VLProcessor)
+
+
+def saved_sharp_qwen(folder: Path, toy: Callable[..., Any], processor: type) -> Any:
+    """The seeded tiny Qwen-VL `toy` (sharp attention, fast RoPE) and its `processor` (videos sized as
+    images) saved in `folder` in vLLM's layout; the HF model."""
+    model = with_sharp_attention(with_fast_rope(toy(VLLM_TOY_SIZE))).eval()
     model.save_pretrained(folder)
     size = {"shortest_edge": PIXELS, "longest_edge": 4 * PIXELS}
-    Qwen2VLProcessor(
+    processor(
         image_processor=Qwen2VLImageProcessor(patch_size=VLLM_TOY_SIZE.patch, size=size),
         video_processor=Qwen2VLVideoProcessor(patch_size=VLLM_TOY_SIZE.patch, size=size),
         tokenizer=word_tokenizer(VLLM_TOY_SIZE.vocab, {"video_token": f"w{VIDEO_TOKEN_ID}"}),
     ).save_pretrained(folder)
-    return folder, model
+    return model
 
 
 def with_sharp_attention(model):
@@ -128,11 +135,14 @@ def with_sharp_attention(model):
     return model
 
 
-def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | None) -> list[int]:
-    """transformers' greedy continuation of `request` (its images and videos), under `tp.attach(config)`."""
+def hf_greedy(
+    model, folder: Path, request: Request, config: dict[str, Any] | None, kinds: tuple[Media, ...] = MEDIA
+) -> list[int]:
+    """transformers' greedy continuation of `request` (its images and videos, processed as `kinds` say),
+    under `tp.attach(config)`."""
     merged = model.config.vision_config.spatial_merge_size**2
     ids, inputs = torch.tensor([request.prompt]), {}
-    for media in MEDIA:
+    for media in kinds:
         seeds = getattr(request, media.field)
         if not seeds:
             continue
@@ -141,8 +151,8 @@ def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | No
         )
         grids = processed[media.grids]
         ids = expanded(ids[0].tolist(), (grids.prod(-1) // merged).tolist(), media.placeholder)
-        inputs.update({media.pixels: processed[media.pixels], media.grids: grids})
-    types = sum((ids == media.placeholder).long() * media.token_type for media in MEDIA)
+        inputs.update({name: processed[name] for name in (media.pixels, media.grids, *media.extras)})
+    types = sum((ids == media.placeholder).long() * media.token_type for media in kinds)
     return greedy_continuation(model, ids, config, MAX_TOKENS, mm_token_type_ids=types, **inputs)
 
 

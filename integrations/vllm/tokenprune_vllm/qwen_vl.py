@@ -1,14 +1,14 @@
 """Qwen2.5-VL and Qwen3-VL in vLLM with tokenprune's pre-LLM reduction, as Qwen2-VL (`qwen2_vl.py`'s mixins).
 
 Qwen2.5-VL differs from Qwen2-VL in its vision tower (windowed attention) and its videos' time-scaled
-M-RoPE ids: the mixins serve its images as they are; its videos pass whole until a parity test covers
-them. Qwen3-VL's tower returns, per merged token, the main feature followed by its DeepStack
-features (one per deepstack vision layer, concatenated along the hidden dimension), which the language
-model splits and adds after its first decoder layers. The strategy chooses on the main features (what
-`tp.attach` gives it at layer 0) and the kept rows cut the DeepStack features identically: a merged
-token carries its survivor's own, as `tp.attach` injects them. Its M-RoPE ids are interleaved by the
-rotary embedding, not by the ids, so renumbering them is Qwen2-VL's rule; its videos (timestamped
-frames) pass unreduced.
+M-RoPE ids (the model's own ids of the unreduced prompt, which the mixins renumber or keep): the mixins
+serve its images and videos as they are. Qwen3-VL's tower returns, per merged token, the main feature
+followed by its DeepStack features (one per deepstack vision layer, concatenated along the hidden
+dimension), which the language model splits and adds after its first decoder layers. The strategy chooses
+on the main features (what `tp.attach` gives it at layer 0) and the kept rows cut the DeepStack features
+identically: a merged token carries its survivor's own, as `tp.attach` injects them. Its M-RoPE ids are
+interleaved by the rotary embedding, not by the ids, so renumbering them is Qwen2-VL's rule; its videos
+(timestamped frames) pass unreduced.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from tokenprune_vllm.qwen2_vl import PrunedQwenVL, pruned_processing
 
 @pruned_processing(Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo, Qwen2_5_VLDummyInputsBuilder)
 class PrunedQwen2_5_VLForConditionalGeneration(PrunedQwenVL, Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL returning each image's kept embeddings, its prompts numbered `renumbered`."""
+    """vLLM's Qwen2.5-VL returning each image's and video's kept embeddings, M-RoPE ids as the policy says."""
 
     family = "Qwen2.5-VL"
-    reduces_videos = False  # time-scaled M-RoPE ids of its videos not parity-tested yet: they pass whole
 
 
 @pruned_processing(Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo, Qwen3VLDummyInputsBuilder)
