@@ -91,6 +91,17 @@ def generated(model: Path, groups: list[list[Request]], max_tokens: int, config:
     return json.loads((folder / "out.json").read_text())
 
 
+def one_stage(strategy: str, stage: dict[str, Any], budget: dict[str, Any]) -> dict[str, Any]:
+    """A one-stage config: `stage` (its layer or site) with `budget`'s keep or ratio and params, the
+    shortened prompt numbered `renumbered` (as vLLM numbers it)."""
+    return {
+        "strategy": strategy,
+        "stages": [{**stage, **{k: v for k, v in budget.items() if k in ("keep", "ratio")}}],
+        "positions": "renumbered",
+        "params": budget.get("params", {}),
+    }
+
+
 def written(folder: Path, config: dict[str, Any]) -> Path:
     """`config` saved as the YAML file `TOKENPRUNE_VLLM_CONFIG` names."""
     path = folder / "reduction.yaml"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine import Request, image, run_engine, written
+from engine import Request, image, one_stage, run_engine, written
 from engine import assert_vllm_equals_hf as parity
 from hf import expanded, greedy_continuation
 from pydantic import ValidationError
@@ -52,13 +52,7 @@ SERVED = {
 
 def reduction(strategy: str, site: str, budget: dict[str, Any]) -> dict[str, Any]:
     """A one-stage config at `site` (vLLM numbers the shortened prompt: `renumbered`)."""
-    stage = {**SITES[site], **{k: v for k, v in budget.items() if k in ("keep", "ratio")}}
-    return {
-        "strategy": strategy,
-        "stages": [stage],
-        "positions": "renumbered",
-        "params": budget.get("params", {}),
-    }
+    return one_stage(strategy, SITES[site], budget)
 
 
 def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | None) -> list[int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine import Request, image, run_engine, written
+from engine import Request, image, one_stage, run_engine, written
 from engine import assert_vllm_equals_hf as parity
 from hf import expanded, greedy_continuation
 from tokenprune_vllm.checkpoints import VLLM_TOY_SIZE, word_tokenizer
@@ -66,13 +66,7 @@ def with_fast_rope(model):
 
 def reduction(strategy: str, budget: dict[str, Any]) -> dict[str, Any]:
     """A one-stage layer-0 config (tokenprune numbers the shortened prompt: `renumbered`)."""
-    stage = {"layer": 0, **{k: v for k, v in budget.items() if k in ("keep", "ratio")}}
-    return {
-        "strategy": strategy,
-        "stages": [stage],
-        "positions": "renumbered",
-        "params": budget.get("params", {}),
-    }
+    return one_stage(strategy, {"layer": 0}, budget)
 
 
 def hf_greedy(model, folder: Path, request: Request, config: dict[str, Any] | None) -> list[int]:
