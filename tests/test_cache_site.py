@@ -123,6 +123,19 @@ def test_ratio_zero_is_identity(llava_sdpa):
     assert largest_step_difference(logits, reference) <= 1e-5
 
 
+def two_turns(model: torch.nn.Module, inputs: dict) -> list[torch.Tensor]:
+    """Each step's logits of two `generate` turns: 3 steps on `inputs`, then 4 continuing the returned
+    cache with the whole conversation as `input_ids` and three text tokens appended (plain text in the
+    LLaVA and Qwen2-VL toys; no images: they are in the cache)."""
+    ids, first, cache = generate(model, inputs, steps=3)
+    ids = torch.cat([ids, torch.tensor([[9, 10, 11]] * len(ids))], dim=1)
+    mask = torch.cat(
+        [inputs["attention_mask"], torch.ones(len(ids), ids.shape[1] - inputs["attention_mask"].shape[1])], 1
+    )
+    _, second, _ = generate(model, {"input_ids": ids, "attention_mask": mask.long()}, steps=4, cache=cache)
+    return first + second
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("layer", [2, 0])
 def test_a_second_turn_continues_the_cache(llava_sdpa, layer):
@@ -132,25 +145,13 @@ def test_a_second_turn_continues_the_cache(llava_sdpa, layer):
     K = 0 included (layer 0's compacted cache no longer tells `generate` how many tokens it holds)."""
     inputs = llava_inputs(LLAVA_BATCH)
     config = tp.ReductionConfig(stages=[cache_stage(layer, 0.5, every=2)])
-    appended = torch.tensor([[5, 6, 7]] * 2)
-
-    def both_turns():
-        ids, first, cache = generate(llava_sdpa, inputs, steps=3)
-        ids = torch.cat([ids, appended], dim=1)
-        mask = torch.cat(
-            [inputs["attention_mask"], torch.ones(2, ids.shape[1] - inputs["attention_mask"].shape[1])], 1
-        )
-        second = {"input_ids": ids, "attention_mask": mask.long()}  # the images are in the cache
-        _, logits, _ = generate(llava_sdpa, second, steps=4, cache=cache)
-        return first + logits
-
     with tp.attach(llava_sdpa, config) as handle:
-        got = both_turns()
+        got = two_turns(llava_sdpa, inputs)
         trace = list(handle.trace)
     assert [e.step for e in trace] == [1, 3, 5]  # turn 1: forwards 0..2; turn 2: forwards 3..6
     oracle = CacheOracle(llava_sdpa, trace, inputs)
     try:
-        expected = both_turns()
+        expected = two_turns(llava_sdpa, inputs)
     finally:
         oracle.remove()
     assert_steps_match(got, expected)

@@ -8,7 +8,8 @@ continues from the renumbered length). Every step's logits within 1e-4 (float32)
 (M-RoPE) padded batches, the cache stage's K below, at and above the prefill stage's layer (0 and 2),
 `restore` on and off, SDPA and eager; each case checks that the renumbering matters (the `original`
 oracle differs). Hypothesis tests check, against the oracle, LLaVA batches with every layer's cache length
-and the kept counts (either policy, any layers) and Qwen2-VL batches of random images and videos.
+and the kept counts (either policy, any layers) and Qwen2-VL batches of random images and videos. A second
+turn on the returned cache continues from the renumbered length too.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cache_site import LLAVA_BATCH, STEPS, cache_stage, expected_steps
+from test_cache_site import LLAVA_BATCH, STEPS, cache_stage, expected_steps, two_turns
 from test_positions import qwen_prompts
 
 import tokenprune as tp
 from tokenprune.errors import ConfigError
 from tokenprune.testing.cache_oracle import (
     LOGIT_TOL,
+    CacheOracle,
     assert_steps_match,
     cache_oracle_run,
     generate,
@@ -105,6 +107,42 @@ def test_qwen2_vl_matches_the_renumbered_masked_decode(qwen, name):
 @pytest.mark.parametrize("name", ["layer-2-cache-below-restore", "layer-0-cache-above"])
 def test_eager_attention_matches_the_renumbered_masked_decode(llava_eager, name):
     assert_matches_renumbered_oracle(llava_eager, llava_inputs(LLAVA_BATCH), name)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [
+        ("llava", "layer-2-cache-below"),
+        ("llava", "layer-2-cache-above-restore"),
+        ("llava", "layer-0-cache-above"),
+        ("qwen2_vl", "layer-2-cache-below"),
+        ("qwen2_vl", "layer-0-cache-at-restore"),
+    ],
+)
+def test_a_second_turn_continues_from_the_renumbered_length(llava_sdpa, qwen, family, name):
+    """A second `generate` on the returned cache: its new text tokens, like the first turn's decode,
+    continue from the renumbered length (M-RoPE: from the largest renumbered id), and every step of
+    both turns equals the masked decode."""
+    if family == "llava":
+        model, inputs = llava_sdpa, llava_inputs(LLAVA_BATCH)
+    else:
+        model, inputs = qwen, qwen_inputs(qwen, QWEN_BATCH)
+    strategy, prefill, cache = CASES[name]
+    config = tp.ReductionConfig(strategy=strategy, stages=[*prefill, cache])
+    with tp.attach(model, config) as handle:
+        got = two_turns(model, inputs)
+        trace = list(handle.trace)
+    expected = []
+    for oracle_config in (config, None):  # the renumbered oracle, then the `original` one
+        oracle = CacheOracle(model, trace, inputs, config=oracle_config)
+        try:
+            expected.append(two_turns(model, inputs))
+        finally:
+            oracle.remove()
+    renumbered_oracle, original_oracle = expected
+    assert_steps_match(got, renumbered_oracle)
+    assert largest_step_difference(got[3:], original_oracle[3:]) > LOGIT_TOL  # the renumbering matters
 
 
 @torch.no_grad()
