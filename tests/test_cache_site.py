@@ -30,7 +30,7 @@ from tokenprune.testing.cache_oracle import (
     largest_step_difference,
 )
 from tokenprune.testing.models import toy_qwen2_vl
-from tokenprune.testing.oracles import Prompt, llava_inputs
+from tokenprune.testing.oracles import Prompt, hooked, llava_inputs, tower_mask_hooks
 from tokenprune.testing.qwen_inputs import Item, QwenPrompt, qwen_inputs
 
 STEPS = 6
@@ -155,6 +155,35 @@ def test_a_second_turn_continues_the_cache(llava_sdpa, layer):
     finally:
         oracle.remove()
     assert_steps_match(got, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", ["fastv", "random"])
+@pytest.mark.parametrize(
+    ("cache", "positions"),
+    [
+        (cache_stage(0, 0.7, every=2), "original"),
+        (cache_stage(2, 0.7, every=1, restore=True), "original"),
+        (cache_stage(1, 0.7, every=2), "renumbered"),
+    ],
+)
+def test_a_tower_stage_then_the_cache_stage_match_the_masked_decode(llava3, strategy, cache, positions):
+    """`site: vision` in the CLIP tower, then `site: cache` while decoding: the oracle hides the tower's
+    removed patches as keys in the later tower layers and, in the language model, their placeholders from
+    layer 0 on (the hand-off event, in its position policy) and each cache event's entries from its
+    step on."""
+    tower = {"site": "vision", "layer": 0, "ratio": 0.5, "positions": positions}  # tower layer 1 sees it
+    config = tp.ReductionConfig(strategy=strategy, stages=[tower, cache])
+    inputs = llava_inputs(LLAVA_BATCH)
+    with tp.attach(llava3, config) as handle:
+        tokens, logits, _ = generate(llava3, inputs)
+        trace = list(handle.trace)
+    assert [e.site for e in trace[:2]] == ["vision", "language"] and trace[2].site == "cache"
+    tower_event = trace[0]
+    with hooked(tower_mask_hooks(llava3.model.vision_tower.encoder.layers, tower_event)):
+        expected_tokens, expected, _ = cache_oracle_run(llava3, inputs, trace, config=config)
+    assert_steps_match(logits, expected)
+    assert torch.equal(tokens, expected_tokens)
 
 
 @torch.no_grad()
