@@ -33,7 +33,8 @@ from tokenprune.testing.models import (
     toy_qwen2_5_vl,
 )
 
-# family: (toy builder, processor, video processor); images only (Qwen3-VL's videos are timestamped)
+# family: (toy builder, processor, video processor); images only (videos: test_qwen2_5_vl_video.py,
+# test_qwen3_vl_video.py)
 FAMILIES = {
     "qwen2_5_vl": (toy_qwen2_5_vl, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor),
     "qwen3_vl": (toy_qwen3_vl, Qwen3VLProcessor, Qwen3VLVideoProcessor),
@@ -100,6 +101,7 @@ def test_vllm_own_video_pruning_beside_a_reduction_is_refused(family: str) -> No
     ],
 )
 def test_the_processor_cuts_videos_exactly_where_the_model_reduces_them(model: type) -> None:
-    """A model passing its videos whole (Qwen2.5-VL, Qwen3-VL) gets a processor leaving their placeholders
-    whole: otherwise the prompt would hold fewer placeholders than the embeddings returned."""
-    assert model._processor_factory.processor.reduces_videos is model.reduces_videos
+    """A model with text between its videos' frames (Qwen3-VL) gets a processor cutting each frame's run,
+    and passing the videos whole where the model does (one budget per video): otherwise the prompt would
+    hold another count of placeholders than the embeddings returned."""
+    assert model._processor_factory.processor.frames_apart is model.frames_apart

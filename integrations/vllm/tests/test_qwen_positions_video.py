@@ -131,7 +131,8 @@ def with_sharp_attention(model):
         for layer in model.model.language_model.layers:
             for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 projection.weight.mul_(SHARPNESS)
-                projection.bias.mul_(SHARPNESS)
+                if projection.bias is not None:  # Qwen3-VL's projections have none
+                    projection.bias.mul_(SHARPNESS)
     return model
 
 

@@ -21,10 +21,13 @@ VLLM_TOY_SIZE = ToySize(hidden=128, heads=4, kv_heads=2, intermediate=256, vocab
 SPECIAL_TOKENS = {PAD_TOKEN_ID: "<pad>", 1: "<s>", 2: "</s>", IMAGE_TOKEN_ID: "<image>"}
 
 
-def word_tokenizer(vocab_size: int, extra_special: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
-    """A tokenizer whose token i is the word `w{i}` (specials named): any id sequence decodes and encodes;
-    `extra_special` names more roles (a processor's `video_token`, say) than the image token."""
-    vocab = {SPECIAL_TOKENS.get(i, f"w{i}"): i for i in range(vocab_size)}
+def word_tokenizer(
+    vocab_size: int, extra_special: dict[str, str] | None = None, names: dict[int, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A tokenizer whose token i is the word `w{i}` (specials and `names` named): any id sequence decodes and
+    encodes; `extra_special` names more roles (a processor's `video_token`, say) than the image token."""
+    named = {**SPECIAL_TOKENS, **(names or {})}
+    vocab = {named.get(i, f"w{i}"): i for i in range(vocab_size)}
     backend = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(

@@ -12,8 +12,9 @@ the model's own ids of the unreduced prompt at the kept tokens: renumbered with 
 `renumbered` (docs/positions.md), or as they are under `positions: original` (gaps where tokens left,
 decode continuing after the unreduced prompt), as `tp.attach` does. vLLM's hook for this, EVS's
 `recompute_mrope_positions`, is not used: vLLM 0.32 calls it only with its video pruning on, and its CPU
-runner never. A family whose videos carry text between frames (Qwen3-VL's timestamps) passes them
-unreduced (`PrunedQwenVL.reduces_videos`).
+runner never. A family whose videos carry text between frames (Qwen3-VL's timestamps: `frames_apart`)
+has each frame's placeholders cut to the frame's budget, so its videos are reduced under `budget:
+per_frame` only and pass whole otherwise (`reduces_videos`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from vllm.config import MultiModalConfig, VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
@@ -35,7 +37,7 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 from vllm.multimodal.processing.processor import PromptUpdateInfo
 
 from tokenprune.core.language.positions import renumbered
@@ -45,6 +47,19 @@ from tokenprune_vllm.reduction import Grid
 
 # each modality's pixels in vLLM's multimodal inputs (also the `type` of its pixel inputs)
 PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+logger = init_logger(__name__)
+
+
+def reduces_videos(frames_apart: bool) -> bool:
+    """Whether a family's videos are reduced: always, or, where text stands between a video's frames
+    (`frames_apart`: Qwen3-VL's timestamps), with one budget per frame only, since the processor counts each
+    frame's placeholders before any pixel is seen."""
+    return not frames_apart or configured().config.budget == "per_frame"
+
+
+def placeholder(config: Any, modality: str) -> int:
+    """The token id an item of `modality` repeats in the prompt, from the model's config."""
+    return config.image_token_id if modality == "image" else config.video_token_id
 
 
 class PrunedQwenVLProcessingInfo:
@@ -59,7 +74,7 @@ class PrunedQwenVLMultiModalProcessor:
     placeholders cut to its kept count (the family's own text around them, Qwen3-VL's video timestamps,
     untouched); a video's left whole where its model passes videos whole (`reduces_videos`)."""
 
-    reduces_videos: ClassVar[bool] = True  # the model's `PrunedQwenVL.reduces_videos` (`pruned_processing`)
+    frames_apart: ClassVar[bool] = False  # the model's `PrunedQwenVL.frames_apart` (`pruned_processing`)
 
     def _get_prompt_updates(
         self,
@@ -68,11 +83,14 @@ class PrunedQwenVLMultiModalProcessor:
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
-        grid = partial(merged_grid, out_mm_kwargs, merge)
+        config = self.info.get_hf_config()
+        grid = partial(merged_grid, out_mm_kwargs, config.vision_config.spatial_merge_size)
         return [
-            replace(update, replacement=partial(kept_placeholders, update, grid))
-            if update.modality == "image" or self.reduces_videos
+            replace(
+                update,
+                replacement=partial(kept_placeholders, update, grid, placeholder(config, update.modality)),
+            )
+            if update.modality == "image" or reduces_videos(self.frames_apart)
             else update
             for update in updates
         ]
@@ -85,15 +103,29 @@ def merged_grid(out_mm_kwargs: MultiModalKwargsItems, merge: int, modality: str,
 
 
 def kept_placeholders(
-    update: PromptReplacement, grid: Callable[[str, int], Grid], item: int
+    update: PromptReplacement, grid: Callable[[str, int], Grid], token: int, item: int
 ) -> PromptUpdateInfo:
     """`update`'s replacement of `item` cut to the item's kept count (`grid(modality, item)` its merged
-    grid): an image's or a video's is one placeholder token repeated; a video's with text between its
-    frames (Qwen3-VL's timestamps, a `PromptUpdateDetails`) passes whole."""
+    grid): one run of the placeholder `token` (an image's, a Qwen2-VL video's) cut to it; or, where text
+    stands between a video's frames (Qwen3-VL's timestamps, a `PromptUpdateDetails`), each frame's run cut
+    to the frame's budget (`budget: per_frame`), the text kept."""
     full = update.replacement(item)
-    if not isinstance(full, list):
-        return full
-    return full[: configured().item_kept_count(len(full), grid(update.modality, item))]
+    if isinstance(full, list):
+        return full[: configured().item_kept_count(len(full), grid(update.modality, item))]
+    budget = configured().item_budget(full.full.count(token), grid(update.modality, item))
+    return PromptUpdateDetails.select_token_id(runs_cut(full.full, token, budget), token)
+
+
+def runs_cut(tokens: list[int], token: int, budget: Sequence[int]) -> list[int]:
+    """`tokens` with the i-th run of `token` cut to its first `budget[i]`, every other token kept."""
+    runs, cut, left = iter(budget), [], 0
+    for index, current in enumerate(tokens):
+        if current == token and (index == 0 or tokens[index - 1] != token):
+            left = next(runs)
+        if current != token or left > 0:
+            cut.append(current)
+            left -= current == token
+    return cut
 
 
 def refuse_own_pruning(multimodal: MultiModalConfig, family: str) -> None:
@@ -110,7 +142,7 @@ class PrunedQwenVL:
     """Mixin before a vLLM Qwen-VL model: each item's kept embeddings, its M-RoPE ids as the policy says."""
 
     family: ClassVar[str]  # the family's name, in refusals
-    reduces_videos: ClassVar[bool] = True  # False: its videos pass whole (text between frames: Qwen3-VL)
+    frames_apart: ClassVar[bool] = False  # text between a video's frames (Qwen3-VL's timestamps)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         refuse_own_pruning(vllm_config.model_config.get_multimodal_config(), self.family)
@@ -120,6 +152,13 @@ class PrunedQwenVL:
                 f"tokenprune-vllm serves {self.family} with `layer: 0` reductions only; `site: vision` "
                 "stages are served on LLaVA (docs/serving.md)"
             )
+        if not self._reduces("video"):
+            logger.warning(
+                "tokenprune-vllm: %s's videos pass unreduced under one budget per video: their frames are "
+                "timestamped, so each frame's kept count must be known before its pixels; `budget: "
+                "per_frame` reduces them",
+                self.family,
+            )
 
     def _process_image_input(self, image_input: Any) -> tuple[Tensor, ...]:
         embeddings = super()._process_image_input(image_input)
@@ -127,7 +166,7 @@ class PrunedQwenVL:
 
     def _process_video_input(self, video_input: Any) -> tuple[Tensor, ...]:
         embeddings = super()._process_video_input(video_input)
-        if not self.reduces_videos:
+        if not self._reduces("video"):
             return embeddings
         return self._kept_items(embeddings, video_input["video_grid_thw"])
 
@@ -143,7 +182,7 @@ class PrunedQwenVL:
 
     def _reduces(self, modality: str) -> bool:
         """Whether the items of `modality` are reduced (images always, videos unless passed whole)."""
-        return modality == "image" or self.reduces_videos
+        return modality == "image" or reduces_videos(self.frames_apart)
 
     def _kept_index(self, feature: MultiModalFeatureSpec, full: int) -> Tensor:
         """[k] the tokens a request's item keeps among its `full`: as `embed_multimodal` will select
@@ -186,7 +225,8 @@ class PrunedQwenVL:
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
     ) -> tuple[list[int], list[MultiModalFeatureSpec], Tensor, Tensor]:
         """The unreduced prompt of a shortened one: its tokens, its items placed in it, each token's item
-        (-1: text) and the [N] indices in it of the shortened prompt's tokens."""
+        (-1: text, Qwen3-VL's timestamps included) and the [N] indices in it of the shortened prompt's
+        tokens."""
         tokens: list[int] = []
         features, segment, kept = [], [], []
         read = 0
@@ -196,10 +236,12 @@ class PrunedQwenVL:
             kept.append(torch.arange(len(text)) + len(tokens))
             tokens, segment = tokens + text, segment + [-1] * len(text)
             span = self._full_span(feature, input_tokens[place.offset : place.offset + place.length])
-            kept.append(self._kept_index(feature, len(span)) + len(tokens))
+            cells = torch.tensor(span) == placeholder(self.config, feature.modality)
+            chosen = cells.nonzero()[:, 0][self._kept_index(feature, int(cells.sum()))]
+            kept.append(torch.cat([(~cells).nonzero()[:, 0], chosen]).sort().values + len(tokens))
             placed = replace(place, offset=len(tokens), length=len(span))
             features.append(replace(feature, mm_position=placed))
-            tokens, segment = tokens + span, segment + [item] * len(span)
+            tokens, segment = tokens + span, segment + torch.where(cells, item, -1).tolist()
             read = place.offset + place.length
         kept.append(torch.arange(len(input_tokens) - read) + len(tokens))
         tokens, segment = tokens + input_tokens[read:], segment + [-1] * (len(input_tokens) - read)
@@ -207,11 +249,20 @@ class PrunedQwenVL:
 
     def _full_span(self, feature: MultiModalFeatureSpec, span: list[int]) -> list[int]:
         """An item's tokens in the unreduced prompt, from its `span` in the shortened one: a reduced item's
-        placeholder once per merged token, a video passed whole as it is (Qwen3-VL's has timestamps)."""
+        placeholder once per merged token; with text between a video's frames, each frame's run of them
+        restored before its `<vision_end>` (a frame may have kept none); a video passed whole as it is."""
         if not self._reduces(feature.modality):
             return span
-        merge = self.visual.spatial_merge_size
-        return span[:1] * (int(feature.data[f"{feature.modality}_grid_thw"].data.prod()) // merge**2)
+        token = placeholder(self.config, feature.modality)
+        frames, height, width = feature.data[f"{feature.modality}_grid_thw"].data.tolist()
+        per_frame = height * width // self.visual.spatial_merge_size**2
+        if feature.modality == "image" or not self.frames_apart:
+            return [token] * (frames * per_frame)
+        full = []
+        for current in span:
+            full += [token] * per_frame if current == self.config.vision_end_token_id else []
+            full += [] if current == token else [current]
+        return full
 
 
 def pruned_processing(processor: type, info: type, dummy_inputs: type) -> Callable[[type], type]:
@@ -221,7 +272,7 @@ def pruned_processing(processor: type, info: type, dummy_inputs: type) -> Callab
 
     def register(model: type) -> type:
         return MULTIMODAL_REGISTRY.register_processor(
-            behind(PrunedQwenVLMultiModalProcessor, processor, reduces_videos=model.reduces_videos),
+            behind(PrunedQwenVLMultiModalProcessor, processor, frames_apart=model.frames_apart),
             info=behind(PrunedQwenVLProcessingInfo, info),
             dummy_inputs=dummy_inputs,
         )(model)

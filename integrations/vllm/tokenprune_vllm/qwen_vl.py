@@ -7,8 +7,9 @@ followed by its DeepStack features (one per deepstack vision layer, concatenated
 dimension), which the language model splits and adds after its first decoder layers. The strategy chooses
 on the main features (what `tp.attach` gives it at layer 0) and the kept rows cut the DeepStack features
 identically: a merged token carries its survivor's own, as `tp.attach` injects them. Its M-RoPE ids are
-interleaved by the rotary embedding, not by the ids, so renumbering them is Qwen2-VL's rule; its videos
-(timestamped frames) pass unreduced.
+interleaved by the rotary embedding, not by the ids, so renumbering them is Qwen2-VL's rule. Its videos'
+frames are timestamped (text between them): they are reduced with one budget per frame (`budget:
+per_frame`), each frame's placeholders cut to its budget, and pass whole under one budget per video.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ class PrunedQwen2_5_VLForConditionalGeneration(PrunedQwenVL, Qwen2_5_VLForCondit
 
 @pruned_processing(Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo, Qwen3VLDummyInputsBuilder)
 class PrunedQwen3VLForConditionalGeneration(PrunedQwenVL, Qwen3VLForConditionalGeneration):
-    """vLLM's Qwen3-VL returning each image's kept embeddings with their own DeepStack features."""
+    """vLLM's Qwen3-VL returning each image's and video's kept embeddings, with their DeepStack features."""
 
     family = "Qwen3-VL"
-    reduces_videos = False  # timestamp text between its frames: its videos pass whole
+    frames_apart = True  # timestamp text between a video's frames
 
     def _kept(self, image: Tensor, grid_thw: list[int]) -> tuple[Tensor, Tensor]:
         """The strategy chooses on the main features [N, D]; the kept rows' DeepStack features follow them."""
