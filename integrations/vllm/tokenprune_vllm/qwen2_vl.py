@@ -239,7 +239,7 @@ class PrunedQwenVL:
             cells = torch.tensor(span) == placeholder(self.config, feature.modality)
             chosen = cells.nonzero()[:, 0][self._kept_index(feature, int(cells.sum()))]
             kept.append(torch.cat([(~cells).nonzero()[:, 0], chosen]).sort().values + len(tokens))
-            placed = replace(place, offset=len(tokens), length=len(span))
+            placed = replace(place, offset=len(tokens), length=len(span), is_embed=cells)  # the full span's
             features.append(replace(feature, mm_position=placed))
             tokens, segment = tokens + span, segment + torch.where(cells, item, -1).tolist()
             read = place.offset + place.length
